@@ -1,0 +1,260 @@
+"""One backup run of one target: fingerprint -> compare -> stream -> commit -> rotate.
+
+Every attempt writes exactly one run row. An archive is listed only after its
+bytes are fsynced and renamed into place, in the same catalog transaction that
+records the run and the new fingerprint; rotation runs only after that commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator import remote
+from orchestrator.errors import (
+    BackhaulError,
+    HostKeyMismatch,
+    NodeError,
+    PathNotFound,
+    PermissionDenied,
+    RemoteCommandFailed,
+    RunInProgress,
+)
+from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
+from storage.archives import ArchiveStore, node_dir_name, rotate
+from storage.catalog import Catalog, Target
+from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+TAR_WARNINGS_EXIT = 1  # GNU tar: some files changed or vanished while read
+
+
+class CatalogHostKeys:
+    """Host keys pinned in the catalog, like OpenSSH's ``accept-new``: the first
+    key seen is recorded, a different one later is refused and never replaced
+    silently. A fingerprint given at registration is enforced from the start."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def verify(self, node: NodeAddress, key_type: str, key_b64: str, fingerprint: str) -> None:
+        found = self.catalog.find_node(node.user, node.host, node.port)
+        if not found:
+            raise HostKeyMismatch(str(node), "(node not registered)", fingerprint)
+        row = found[0]
+        if row.host_key_b64 is None:
+            if row.host_key_fingerprint not in (None, fingerprint):
+                raise HostKeyMismatch(str(node), row.host_key_fingerprint, fingerprint)
+            if self.catalog.pin_host_key(row.id, key_type, key_b64, fingerprint):
+                log.info("pinned host key of %s: %s %s", node, key_type, fingerprint)
+                return
+            row = self.catalog.get_node(row.id)  # pinned concurrently: compare with it
+        if row.host_key_b64 != key_b64:
+            raise HostKeyMismatch(str(node), row.host_key_fingerprint or "?", fingerprint)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: int
+    target_id: int
+    status: str  # success | unchanged | failed
+    bytes_transferred: int
+    archive_id: int | None = None
+    error_code: str | None = None
+    message: str | None = None
+    warnings: str | None = None
+    node_unreachable: bool = False
+    duration: float = 0.0
+
+
+def node_address(target: Target) -> NodeAddress:
+    return NodeAddress(target.node.user, target.node.host, target.node.port)
+
+
+class BackupEngine:
+    """Runs backups. Thread-safe: many targets run at once, one run per target,
+    at most ``per_node`` runs per node."""
+
+    def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
+                 per_node: int = 2, stderr_limit: int = 64 * 1024,
+                 throttle: Callable[[int], None] | None = None) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.pool = pool
+        self.per_node = per_node
+        self.stderr_limit = stderr_limit
+        self.throttle = throttle
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self._node_slots: dict[NodeAddress, threading.BoundedSemaphore] = {}
+
+    def _node_slot(self, node: NodeAddress) -> threading.BoundedSemaphore:
+        with self._lock:
+            return self._node_slots.setdefault(node, threading.BoundedSemaphore(self.per_node))
+
+    def is_running(self, target_id: int) -> bool:
+        with self._lock:
+            return target_id in self._running
+
+    def run(self, target_id: int, trigger: str = "schedule") -> RunResult:
+        """Back up one target now. Raises ``RunInProgress`` when it already runs."""
+        with self._lock:
+            if target_id in self._running:
+                raise RunInProgress(target_id)
+            self._running.add(target_id)
+        try:
+            target = self.catalog.get_target(target_id)
+            node = node_address(target)
+            with self._node_slot(node):
+                return self._run(target, node, trigger)
+        finally:
+            with self._lock:
+                self._running.discard(target_id)
+
+    def _run(self, target: Target, node: NodeAddress, trigger: str) -> RunResult:
+        started = time.monotonic()
+        run_id = self.catalog.start_run(target.id, trigger)
+        wire = _Payload()
+        try:
+            with self.pool.session(node) as conn:
+                result = self._backup(conn, target, run_id, wire)
+            self._mark_reachable(target)
+        except BackhaulError as exc:
+            result = self._fail(target, run_id, exc.code, exc.message, wire.total(),
+                                node_unreachable=isinstance(exc, NodeError)
+                                and exc.node_unreachable)
+        except StorageError as exc:
+            result = self._fail(target, run_id, exc.code, exc.message, wire.total())
+        except Exception as exc:  # a bug: record it, never kill the scheduler thread
+            log.exception("run %s of target %s crashed", run_id, target.id)
+            result = self._fail(target, run_id, "internal_error",
+                                f"{exc.__class__.__name__}: {exc}", wire.total())
+        result = _with_duration(result, time.monotonic() - started)
+        log.info("run %s target %s %s %s: %s bytes=%d duration=%.2fs%s", run_id, target.id,
+                 node, target.path, result.status, result.bytes_transferred, result.duration,
+                 f" error={result.error_code}: {result.message}" if result.error_code else "")
+        return result
+
+    def _backup(self, conn: Connection, target: Target, run_id: int,
+                wire: _Payload) -> RunResult:
+        address = str(conn.node)
+        fp_res = wire.add(conn.exec(remote.fingerprint_command(target.path),
+                                    what="fingerprint"))
+        _check_status(fp_res.exit_status, fp_res.stderr_text, address, target.path,
+                      "fingerprint", ok=(0,))
+        fingerprint = remote.parse_fingerprint(fp_res.stdout)
+        if fingerprint is None:
+            raise RemoteCommandFailed(address, "fingerprint", fp_res.exit_status,
+                                      "output is not a sha256 digest: "
+                                      + fp_res.stdout[:80].decode("utf-8", "replace"))
+        if fingerprint == target.last_fingerprint:
+            self.catalog.finish_unchanged(run_id, target.id, fingerprint, wire.total())
+            return RunResult(run_id, target.id, "unchanged", wire.total())
+
+        pigz = conn.has_pigz()
+        node_dir = node_dir_name(target.node.user, target.node.host, target.node.port)
+        created_at = self.catalog.clock()
+        with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
+            sink = writer.write if self.throttle is None else _throttled(writer.write,
+                                                                         self.throttle)
+            res = wire.add(conn.exec(remote.tar_command(target.path, pigz=pigz), sink=sink,
+                                     what="tar", stderr_limit=self.stderr_limit))
+            _check_status(res.exit_status, res.stderr_text, address, target.path, "tar",
+                          ok=(0, TAR_WARNINGS_EXIT))
+            if res.stdout_bytes == 0:
+                raise RemoteCommandFailed(address, "tar", res.exit_status, "empty stream")
+            facts = writer.commit()
+        warnings = res.stderr_text.strip() or None
+        try:
+            archive_id = self.catalog.commit_archive(
+                run_id, target.id, created_at=facts.created_at, size=facts.size,
+                sha256=facts.sha256, file_name=facts.file_name, fingerprint=fingerprint,
+                bytes_transferred=wire.total(), warnings=warnings)
+        except StorageError:
+            self.store.delete(facts.file_name)  # never leave an unlisted archive behind
+            raise
+        try:
+            rotate(self.catalog, self.store, target.id, target.keep)
+        except StorageError as exc:  # the new archive is safe; rotation retries next run
+            log.warning("rotation of target %s failed: %s", target.id, exc.message)
+        return RunResult(run_id, target.id, "success", wire.total(), archive_id=archive_id,
+                         warnings=warnings)
+
+    def _fail(self, target: Target, run_id: int, code: str, message: str, transferred: int,
+              *, node_unreachable: bool = False) -> RunResult:
+        try:
+            self.catalog.fail_run(run_id, code, message, bytes_transferred=transferred)
+        except StorageError as exc:
+            log.error("cannot record failed run %s: %s", run_id, exc.message)
+        if node_unreachable:
+            try:
+                self.catalog.node_unreachable(target.node.id, message)
+            except StorageError as exc:
+                log.error("cannot mark node %s unreachable: %s", target.node.id, exc.message)
+        return RunResult(run_id, target.id, "failed", transferred, error_code=code,
+                         message=message, node_unreachable=node_unreachable)
+
+    def _mark_reachable(self, target: Target) -> None:
+        if target.node.reachable is not True:
+            self.catalog.node_reachable(target.node.id)
+
+    def check_path(self, node: NodeAddress, path: str) -> None:
+        """Raise unless ``path`` exists and is readable on the node (registration)."""
+        with self.pool.session(node) as conn:
+            res = conn.exec(remote.fingerprint_command(path), what="path check")
+            _check_status(res.exit_status, res.stderr_text, str(node), path, "path check",
+                          ok=(0,))
+
+    def probe(self, node: NodeAddress) -> None:
+        """Connect (banner, host key, auth) and run a no-op; raise on failure."""
+        with self.pool.session(node) as conn:
+            res = conn.exec(remote.probe_command(), what="probe")
+            if res.exit_status != 0:
+                raise RemoteCommandFailed(str(node), "probe", res.exit_status, res.stderr_text)
+
+
+def _check_status(status: int, stderr: str, address: str, path: str, what: str,
+                  ok: tuple[int, ...]) -> None:
+    if status in ok:
+        return
+    if status == remote.EXIT_NO_SUCH_PATH:
+        raise PathNotFound(address, path)
+    if status == remote.EXIT_NOT_READABLE or "Permission denied" in stderr:
+        raise PermissionDenied(address, path, _last_line(stderr))
+    raise RemoteCommandFailed(address, what, status, stderr)
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+class _Payload:
+    """Bytes this run received from the node (stdout and stderr of its
+    commands), exact even when other runs share the connection."""
+
+    def __init__(self) -> None:
+        self._total = 0
+
+    def add(self, res: ExecResult) -> ExecResult:
+        self._total += res.stdout_bytes + res.stderr_bytes
+        return res
+
+    def total(self) -> int:
+        return self._total
+
+
+def _throttled(write: Callable[[bytes], None],
+               throttle: Callable[[int], None]) -> Callable[[bytes], None]:
+    def sink(data: bytes) -> None:
+        throttle(len(data))
+        write(data)
+    return sink
+
+
+def _with_duration(r: RunResult, seconds: float) -> RunResult:
+    return RunResult(**{**r.__dict__, "duration": seconds})

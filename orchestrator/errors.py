@@ -1,0 +1,156 @@
+"""The server's exception root and its children.
+
+Each class carries a stable ``code`` that is stored in the run log, returned
+by the API in ``{"error": {"code", "message"}}`` and printed by the client.
+paramiko, socket and storage exceptions are translated into these at the
+boundary (``ssh.py``, ``backup.py``); none escapes ``orchestrator/`` raw.
+"""
+
+from __future__ import annotations
+
+
+class BackhaulError(Exception):
+    """Root of every error the server raises on purpose."""
+
+    code = "internal_error"
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- input ---------------------------------------------------------------
+
+
+class InvalidInput(BackhaulError):
+    code = "invalid_request"
+    http_status = 422
+
+
+class InvalidPath(InvalidInput):
+    code = "invalid_path"
+
+
+class InvalidHost(InvalidInput):
+    code = "invalid_host"
+
+
+class InvalidPort(InvalidInput):
+    code = "invalid_port"
+
+
+class InvalidUser(InvalidInput):
+    code = "invalid_user"
+
+
+class InvalidFrequency(InvalidInput):
+    code = "invalid_frequency"
+
+
+class InvalidKeep(InvalidInput):
+    code = "invalid_keep"
+
+
+class RunInProgress(BackhaulError):
+    code = "run_in_progress"
+    http_status = 409
+
+    def __init__(self, target_id: int) -> None:
+        super().__init__(f"target {target_id} is being backed up right now")
+
+
+# --- node and transport ----------------------------------------------------
+
+
+class NodeError(BackhaulError):
+    """Something went wrong talking to a node. ``reachability`` says whether
+    the failure means the node itself cannot be reached (probe it) or only
+    this run failed (retry the target)."""
+
+    http_status = 502
+    node_unreachable = False
+
+
+class UnreachableNode(NodeError):
+    code = "unreachable"
+    node_unreachable = True
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot reach {address}: {reason}")
+
+
+class AuthFailed(NodeError):
+    code = "auth_failed"
+
+    def __init__(self, address: str, reason: str = "") -> None:
+        hint = (
+            "the node refused the server's key; add the line from `backhaul pubkey` "
+            "to the backup user's authorized_keys"
+        )
+        super().__init__(f"authentication to {address} failed{': ' + reason if reason else ''}"
+                         f" ({hint})")
+
+
+class HostKeyMismatch(NodeError):
+    code = "host_key_mismatch"
+
+    def __init__(self, address: str, expected: str, got: str) -> None:
+        super().__init__(
+            f"host key of {address} changed: pinned {expected}, node offered {got}; "
+            f"if the change is legitimate run `backhaul trust {address}`"
+        )
+        self.expected = expected
+        self.got = got
+
+
+class Timeout(NodeError):
+    code = "timeout"
+    http_status = 504
+
+    def __init__(self, address: str, what: str, seconds: float) -> None:
+        super().__init__(f"{what} on {address} gave no data for {seconds:g} s")
+
+
+class StreamIncomplete(NodeError):
+    """The channel closed (or the transport died) before the remote command
+    reported an exit status: the bytes received cannot be trusted."""
+
+    code = "remote_command_failed"
+
+    def __init__(self, address: str, what: str) -> None:
+        super().__init__(f"{what} on {address} ended without an exit status "
+                         "(connection lost mid-stream); nothing was kept")
+
+
+class PathNotFound(NodeError):
+    code = "path_not_found"
+    http_status = 422
+
+    def __init__(self, address: str, path: str) -> None:
+        super().__init__(f"{path} does not exist on {address}")
+
+
+class PermissionDenied(NodeError):
+    code = "permission_denied"
+    http_status = 422
+
+    def __init__(self, address: str, path: str, detail: str = "") -> None:
+        super().__init__(f"{path} on {address} is not readable by the backup user"
+                         f"{': ' + detail if detail else ''}")
+
+
+class RemoteCommandFailed(NodeError):
+    code = "remote_command_failed"
+
+    def __init__(self, address: str, what: str, exit_status: int, stderr: str) -> None:
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
+        super().__init__(f"{what} on {address} exited with status {exit_status}: {tail}")
+        self.exit_status = exit_status
+
+
+class StorageFailed(BackhaulError):
+    code = "storage_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)

@@ -1,0 +1,100 @@
+"""The remote shell commands, built and quoted here and nowhere else.
+
+Every value interpolated into a command goes through ``shlex.quote``; paths are
+validated first (absolute, normalised, no NUL or newline, not ``/``). The
+commands need only POSIX sh, GNU find/tar, coreutils and gzip on the node.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+
+from orchestrator.errors import InvalidPath
+
+# Exit statuses of our own pre-checks, chosen outside tar's 0/1/2 and find's 0/1.
+EXIT_NO_SUCH_PATH = 66
+EXIT_NOT_READABLE = 77
+
+MAX_PATH = 4096
+
+# type, mode, owner, group, size, mtime, ctime (ns resolution), inode, link target,
+# path relative to the start point; NUL-terminated so any byte in a name is safe.
+FIND_FORMAT = r"%y %m %U %G %s %T@ %C@ %i %l %P\0"
+
+_HEX64 = re.compile(rb"^[0-9a-f]{64}")
+
+
+def validate_path(path: str) -> str:
+    """Return the normalised absolute path or raise ``InvalidPath`` saying why."""
+    if not isinstance(path, str) or not path:
+        raise InvalidPath("path is empty; give an absolute path such as /srv/app")
+    if "\x00" in path or "\n" in path or "\r" in path:
+        raise InvalidPath("path contains a NUL or newline character")
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+        raise InvalidPath(f"path is longer than {MAX_PATH} bytes")
+    if not path.startswith("/"):
+        raise InvalidPath(f"path {path!r} is not absolute; give it from / (e.g. /srv/app)")
+    parts = path.split("/")
+    if ".." in parts or "." in parts:
+        raise InvalidPath(f"path {path!r} contains '.' or '..' components")
+    norm = posixpath.normpath(path)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if norm == "/":
+        raise InvalidPath("refusing to back up / as one target; register its directories")
+    return norm
+
+
+def _precheck(path: str) -> str:
+    q = shlex.quote(path)
+    return (f"if [ ! -e {q} ] && [ ! -L {q} ]; then echo 'backhaul: no such path' >&2; "
+            f"exit {EXIT_NO_SUCH_PATH}; fi; "
+            f"if [ ! -r {q} ]; then echo 'backhaul: path not readable' >&2; "
+            f"exit {EXIT_NOT_READABLE}; fi; ")
+
+
+def fingerprint_command(path: str) -> str:
+    """A command printing the sha256 of the tree's sorted metadata listing.
+
+    find's own exit status is carried out of the pipeline through fd 3 so a
+    partial listing (unreadable subdirectory) fails instead of hashing less.
+    """
+    path = validate_path(path)
+    find = (f"find {shlex.quote(path)} -ignore_readdir_race "
+            f"-printf {shlex.quote(FIND_FORMAT)}")
+    return (
+        "LC_ALL=C; export LC_ALL; "
+        + _precheck(path)
+        + "exec 4>&1; "
+        + f"rc=$( {{ {{ {find}; echo $? >&3; }} | sort -z | sha256sum >&4; }} 3>&1 ); "
+        + 'exit "$rc"'
+    )
+
+
+def parse_fingerprint(stdout: bytes) -> str | None:
+    m = _HEX64.match(stdout.strip())
+    return m.group(0).decode() if m else None
+
+
+def has_pigz_command() -> str:
+    return "command -v pigz >/dev/null 2>&1 && echo yes || echo no"
+
+
+def tar_command(path: str, *, pigz: bool = False) -> str:
+    """``tar czf -`` of the path, run from its parent; tar's own exit status is
+    the command's (with pigz through ``-I`` rather than a pipe)."""
+    path = validate_path(path)
+    parent, name = posixpath.split(path)
+    compress = "-I 'pigz -n'" if pigz else "-z"
+    return (
+        "LC_ALL=C; export LC_ALL; "
+        + _precheck(path)
+        + f"exec tar -C {shlex.quote(parent or '/')} {compress} -cf - "
+        + f"-- {shlex.quote(name)}"
+    )
+
+
+def probe_command() -> str:
+    return "echo backhaul-ok"

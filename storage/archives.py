@@ -1,0 +1,191 @@
+"""The archive store on a local directory.
+
+Layout: ``<root>/<node>/<target-id>/<UTC timestamp>-<run id>.tar.gz``, files
+0600, directories 0700. An archive is written to a temp file in its final
+directory, fsynced, renamed into place and the directory fsynced; only then is
+it listed in the catalog. A temp file never outlives its writer, and a start-up
+sweep removes those left by a crash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from storage.catalog import Catalog
+from storage.errors import ArchiveWriteError
+
+TEMP_MARK = ".partial-"
+_SAFE = re.compile(r"[^A-Za-z0-9._@-]")
+
+
+def node_dir_name(user: str, host: str, port: int) -> str:
+    """A file-system safe, unambiguous directory name for a node."""
+    return _SAFE.sub("_", f"{user}@{host}_{port}")
+
+
+@dataclass(frozen=True)
+class ArchiveFacts:
+    file_name: str  # relative to the store root
+    size: int
+    sha256: str
+    created_at: dt.datetime
+
+
+class ArchiveWriter:
+    """Receives one archive's bytes; ``commit()`` makes it durable and visible.
+
+    Leaving the ``with`` block without ``commit()`` (or on any exception)
+    removes the temp file.
+    """
+
+    def __init__(self, store: ArchiveStore, rel_dir: str, stem: str,
+                 created_at: dt.datetime) -> None:
+        self._store = store
+        self._dir = store.root / rel_dir
+        self.final_name = f"{rel_dir}/{stem}.tar.gz"
+        self._final = store.root / self.final_name
+        self._tmp = self._dir / f".{stem}.tar.gz{TEMP_MARK}{secrets.token_hex(4)}"
+        self.created_at = created_at
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._fd: int | None = None
+        self._done = False
+        try:
+            store._makedirs(self._dir)
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot create {self._tmp}")) from exc
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None, "writer already closed"
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                self._hash.update(view[:n])
+                self.size += n
+                view = view[n:]
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot write {self.final_name}")) from exc
+
+    def commit(self) -> ArchiveFacts:
+        assert self._fd is not None, "writer already closed"
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.rename(self._tmp, self._final)
+            self._done = True
+            _fsync_dir(self._dir)
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot commit {self.final_name}")) from exc
+        return ArchiveFacts(self.final_name, self.size, self._hash.hexdigest(), self.created_at)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._done:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._done = True
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.abort()
+
+
+class ArchiveStore:
+    """Archives as files under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._makedirs(self.root)
+
+    def _makedirs(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def writer(self, node_dir: str, target_id: int, run_id: int,
+               created_at: dt.datetime) -> ArchiveWriter:
+        stamp = created_at.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        return ArchiveWriter(self, f"{node_dir}/{target_id}", f"{stamp}-{run_id}", created_at)
+
+    def path_of(self, file_name: str) -> Path:
+        path = (self.root / file_name).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ArchiveWriteError(f"archive name {file_name!r} leaves the store")
+        return path
+
+    def delete(self, file_name: str) -> None:
+        try:
+            os.unlink(self.path_of(file_name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot delete {file_name}")) from exc
+
+    def files(self) -> set[str]:
+        """Every committed archive file, relative to the root."""
+        return {p.relative_to(self.root).as_posix() for p in self.root.glob("*/*/*.tar.gz")
+                if TEMP_MARK not in p.name}
+
+    def sweep_temp_files(self) -> list[Path]:
+        """Remove temp files left by a crash. Call only when no writer is open."""
+        removed = []
+        for p in self.root.glob(f"*/*/.*{TEMP_MARK}*"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+    def sweep_unlisted(self, listed: set[str]) -> list[str]:
+        """Remove archive files the catalog does not list as retained: a crash
+        between the rename and the catalog commit leaves such a file."""
+        stray = sorted(self.files() - listed)
+        for name in stray:
+            self.delete(name)
+        return stray
+
+
+def rotate(catalog: Catalog, store: ArchiveStore, target_id: int, keep: int) -> list[int]:
+    """Delete the oldest retained archives beyond ``keep``; returns their ids.
+
+    Only ever called after a successful commit, so a failed run never causes
+    a deletion, and it never deletes below ``keep``.
+    """
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    retained = catalog.list_archives(target_id, retained_only=True)  # newest first
+    doomed = retained[keep:]
+    for arch in doomed:
+        store.delete(arch["file_name"])
+    catalog.mark_archives_deleted([a["id"] for a in doomed])
+    return [a["id"] for a in doomed]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe(exc: OSError, what: str) -> str:
+    reason = {errno.ENOSPC: "no space left on the archive disk",
+              errno.EDQUOT: "disk quota exceeded on the archive disk",
+              errno.EACCES: "permission denied",
+              errno.EROFS: "the archive disk is read-only"}.get(exc.errno or 0, exc.strerror)
+    return f"{what}: {reason}"

@@ -1,0 +1,571 @@
+"""The catalog: nodes, targets, archives and the run log (SQLAlchemy Core).
+
+The catalog is the source of truth for what is registered and what is held.
+SQL stays in SQLAlchemy Core so a PostgreSQL engine can replace SQLite; the
+only SQLite-specific code is the connection set-up in ``_sqlite_pragmas``.
+
+Run rows are never deleted. Archive rows are never deleted either: rotation
+sets ``deleted_at`` so ``backups`` can list every archive ever made.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from storage.errors import CatalogError, NotFound, TargetExists
+
+SCHEMA_VERSION = 1
+
+RUN_STATUSES = ("running", "success", "unchanged", "failed", "interrupted")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every dialect."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the catalog")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.UTC)
+
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("host_key_type", sa.String(64)),
+    sa.Column("host_key_b64", sa.Text),
+    sa.Column("host_key_fingerprint", sa.String(128)),
+    # NULL: never contacted; True/False: outcome of the last contact.
+    sa.Column("reachable", sa.Boolean),
+    sa.Column("last_error", sa.Text),
+    sa.Column("last_seen_at", UTCDateTime),
+    sa.Column("unreachable_since", UTCDateTime),
+    sa.Column("probe_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_probe_at", UTCDateTime),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("user", "host", "port", name="uq_nodes_address"),
+)
+
+targets = sa.Table(
+    "targets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("node_id", sa.Integer, sa.ForeignKey("nodes.id"), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("every_minutes", sa.Integer, nullable=False),
+    sa.Column("keep", sa.Integer, nullable=False, default=10),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("unregistered_at", UTCDateTime),
+    # Fingerprint of the tree as of the newest committed archive.
+    sa.Column("last_fingerprint", sa.String(64)),
+    # Retry state: consecutive failed attempts since the last good run.
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    sa.Column("next_retry_at", UTCDateTime),
+)
+# One active registration per (node, path); unregistered rows stay for history.
+sa.Index(
+    "uq_targets_active",
+    targets.c.node_id,
+    targets.c.path,
+    unique=True,
+    sqlite_where=targets.c.unregistered_at.is_(None),
+    postgresql_where=targets.c.unregistered_at.is_(None),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("target_id", sa.Integer, sa.ForeignKey("targets.id"), nullable=False, index=True),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("bytes_transferred", sa.BigInteger, nullable=False, default=0),
+    sa.Column("archive_id", sa.Integer),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("message", sa.Text),
+    sa.Column("warnings", sa.Text),
+    sa.Column("fingerprint", sa.String(64)),
+)
+sa.Index("ix_runs_status", runs.c.status)
+
+archives = sa.Table(
+    "archives",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("target_id", sa.Integer, sa.ForeignKey("targets.id"), nullable=False, index=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("fingerprint", sa.String(64)),
+    sa.Column("deleted_at", UTCDateTime),
+)
+
+
+@dataclass(frozen=True)
+class Node:
+    id: int
+    user: str
+    host: str
+    port: int
+    host_key_type: str | None
+    host_key_b64: str | None
+    host_key_fingerprint: str | None
+    reachable: bool | None
+    last_error: str | None
+    last_seen_at: dt.datetime | None
+    unreachable_since: dt.datetime | None
+    probe_attempts: int
+    next_probe_at: dt.datetime | None
+    created_at: dt.datetime
+
+    @property
+    def address(self) -> str:
+        return format_address(self.user, self.host, self.port)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.user, self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Target:
+    id: int
+    node: Node
+    path: str
+    every_minutes: int
+    keep: int
+    created_at: dt.datetime
+    unregistered_at: dt.datetime | None
+    last_fingerprint: str | None
+    failures: int
+    next_retry_at: dt.datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.unregistered_at is None
+
+
+def format_address(user: str, host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"{user}@{shown}:{port}"
+
+
+def _row(r: Any) -> dict[str, Any]:
+    return dict(r._mapping)
+
+
+def _node(m: dict[str, Any], prefix: str = "") -> Node:
+    return Node(**{f: m[prefix + f] for f in Node.__dataclass_fields__})
+
+
+_NODE_COLS = [c.label(f"n_{c.name}") for c in nodes.c]
+
+
+class Catalog:
+    """All reads and writes of the catalog database.
+
+    Thread-safe: each call takes its own connection from the engine's pool.
+    """
+
+    def __init__(self, url: str | Path, *, busy_timeout: float = 30.0,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+        if isinstance(url, Path) or "://" not in str(url):
+            url = f"sqlite:///{Path(url)}"
+        self.url = str(url)
+        self.clock = clock
+        self.engine: Engine = sa.create_engine(
+            self.url,
+            connect_args={"timeout": busy_timeout} if self.url.startswith("sqlite") else {},
+            pool_pre_ping=False,
+        )
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            # pysqlite's own transaction handling defers BEGIN; take it over so
+            # write transactions start with BEGIN IMMEDIATE (no upgrade deadlocks).
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        self._create()
+
+    # -- plumbing ----------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (TargetExists, NotFound):
+            raise
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"catalog database error: {exc.__class__.__name__}: "
+                               f"{getattr(exc, 'orig', exc)}") from exc
+
+    def _create(self) -> None:
+        with self._tx() as conn:
+            metadata.create_all(conn)
+            found = conn.execute(sa.select(schema_version.c.version)).scalar()
+            if found is None:
+                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+            elif found > SCHEMA_VERSION:
+                raise CatalogError(
+                    f"catalog schema version {found} is newer than this backhaul "
+                    f"({SCHEMA_VERSION}); upgrade backhaul")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- nodes -------------------------------------------------------------
+
+    def ensure_node(self, user: str, host: str, port: int) -> Node:
+        with self._tx() as conn:
+            found = conn.execute(
+                sa.select(nodes).where(nodes.c.user == user, nodes.c.host == host,
+                                       nodes.c.port == port)
+            ).first()
+            if found is None:
+                conn.execute(nodes.insert().values(user=user, host=host, port=port,
+                                                   probe_attempts=0, created_at=self.clock()))
+                found = conn.execute(
+                    sa.select(nodes).where(nodes.c.user == user, nodes.c.host == host,
+                                           nodes.c.port == port)
+                ).one()
+            return _node(_row(found))
+
+    def get_node(self, node_id: int) -> Node:
+        with self._tx() as conn:
+            found = conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).first()
+        if found is None:
+            raise NotFound("node", node_id)
+        return _node(_row(found))
+
+    def find_node(self, user: str | None, host: str, port: int) -> list[Node]:
+        q = sa.select(nodes).where(nodes.c.host == host, nodes.c.port == port)
+        if user is not None:
+            q = q.where(nodes.c.user == user)
+        with self._tx() as conn:
+            return [_node(_row(r)) for r in conn.execute(q.order_by(nodes.c.id))]
+
+    def list_nodes(self) -> list[Node]:
+        with self._tx() as conn:
+            return [_node(_row(r)) for r in conn.execute(sa.select(nodes).order_by(nodes.c.id))]
+
+    def pin_host_key(self, node_id: int, key_type: str, key_b64: str, fingerprint: str) -> bool:
+        """Pin the key if none is pinned yet. Returns True when this call pinned it."""
+        with self._tx() as conn:
+            res = conn.execute(
+                nodes.update()
+                .where(nodes.c.id == node_id, nodes.c.host_key_b64.is_(None))
+                .values(host_key_type=key_type, host_key_b64=key_b64,
+                        host_key_fingerprint=fingerprint)
+            )
+            return res.rowcount == 1
+
+    def expect_host_key(self, node_id: int, fingerprint: str | None) -> None:
+        """Forget the pinned key; with ``fingerprint``, only that key will be accepted."""
+        with self._tx() as conn:
+            conn.execute(nodes.update().where(nodes.c.id == node_id).values(
+                host_key_type=None, host_key_b64=None, host_key_fingerprint=fingerprint))
+
+    def set_host_key_expected(self, node_id: int, fingerprint: str) -> None:
+        """Record an expected fingerprint given at registration (if none is pinned)."""
+        with self._tx() as conn:
+            conn.execute(nodes.update().where(nodes.c.id == node_id,
+                                              nodes.c.host_key_fingerprint.is_(None))
+                         .values(host_key_fingerprint=fingerprint))
+
+    def node_reachable(self, node_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(nodes.update().where(nodes.c.id == node_id).values(
+                reachable=True, last_error=None, last_seen_at=self.clock(),
+                unreachable_since=None, probe_attempts=0, next_probe_at=None))
+
+    def node_unreachable(self, node_id: int, error: str,
+                         next_probe_at: dt.datetime | None = None,
+                         probe_attempts: int | None = None) -> Node:
+        now = self.clock()
+        with self._tx() as conn:
+            values: dict[str, Any] = {
+                "reachable": False, "last_error": error,
+                "unreachable_since": sa.func.coalesce(nodes.c.unreachable_since, now),
+            }
+            if next_probe_at is not None:
+                values["next_probe_at"] = next_probe_at
+            if probe_attempts is not None:
+                values["probe_attempts"] = probe_attempts
+            conn.execute(nodes.update().where(nodes.c.id == node_id).values(**values))
+            return _node(_row(conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).one()))
+
+    # -- targets -----------------------------------------------------------
+
+    def add_target(self, node_id: int, path: str, every_minutes: int, keep: int) -> Target:
+        with self._tx() as conn:
+            existing = conn.execute(
+                sa.select(targets.c.id).where(targets.c.node_id == node_id,
+                                              targets.c.path == path,
+                                              targets.c.unregistered_at.is_(None))
+            ).scalar()
+            if existing is not None:
+                node = _node(_row(conn.execute(
+                    sa.select(nodes).where(nodes.c.id == node_id)).one()))
+                raise TargetExists(node.address, path, existing)
+            try:
+                tid = conn.execute(targets.insert().values(
+                    node_id=node_id, path=path, every_minutes=every_minutes, keep=keep,
+                    created_at=self.clock(), failures=0)).inserted_primary_key[0]
+            except IntegrityError as exc:  # lost a race with a concurrent insert
+                raise TargetExists(str(node_id), path, -1) from exc
+        return self.get_target(tid)
+
+    def _target_query(self) -> sa.Select:
+        return sa.select(targets, *_NODE_COLS).join(nodes, nodes.c.id == targets.c.node_id)
+
+    @staticmethod
+    def _target(m: dict[str, Any]) -> Target:
+        return Target(
+            id=m["id"], node=_node(m, "n_"), path=m["path"],
+            every_minutes=m["every_minutes"], keep=m["keep"], created_at=m["created_at"],
+            unregistered_at=m["unregistered_at"], last_fingerprint=m["last_fingerprint"],
+            failures=m["failures"], next_retry_at=m["next_retry_at"])
+
+    def get_target(self, target_id: int) -> Target:
+        with self._tx() as conn:
+            found = conn.execute(self._target_query().where(targets.c.id == target_id)).first()
+        if found is None:
+            raise NotFound("target", target_id)
+        return self._target(_row(found))
+
+    def list_targets(self, *, active_only: bool = True, node_id: int | None = None,
+                     host: str | None = None, port: int | None = None,
+                     user: str | None = None, path: str | None = None) -> list[Target]:
+        q = self._target_query()
+        if active_only:
+            q = q.where(targets.c.unregistered_at.is_(None))
+        if node_id is not None:
+            q = q.where(targets.c.node_id == node_id)
+        if host is not None:
+            q = q.where(nodes.c.host == host)
+        if port is not None:
+            q = q.where(nodes.c.port == port)
+        if user is not None:
+            q = q.where(nodes.c.user == user)
+        if path is not None:
+            q = q.where(targets.c.path == path)
+        with self._tx() as conn:
+            return [self._target(_row(r)) for r in conn.execute(q.order_by(targets.c.id))]
+
+    def active_target_ids(self) -> set[int]:
+        with self._tx() as conn:
+            return set(conn.execute(sa.select(targets.c.id)
+                                    .where(targets.c.unregistered_at.is_(None))).scalars())
+
+    def target_summaries(self, target_ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
+        """Last run and kept archives of many targets in two queries (not one per target)."""
+        last = (sa.select(runs.c.target_id, sa.func.max(runs.c.id).label("run_id"))
+                .where(runs.c.status != "running").group_by(runs.c.target_id).subquery())
+        kept = (sa.select(archives.c.target_id,
+                          sa.func.count().label("archives_kept"),
+                          sa.func.coalesce(sa.func.sum(archives.c.size), 0).label("bytes_kept"))
+                .where(archives.c.deleted_at.is_(None)).group_by(archives.c.target_id).subquery())
+        q = (sa.select(targets.c.id, runs.c.started_at, runs.c.finished_at, runs.c.status,
+                       runs.c.error_code, kept.c.archives_kept, kept.c.bytes_kept)
+             .select_from(targets)
+             .outerjoin(last, last.c.target_id == targets.c.id)
+             .outerjoin(runs, runs.c.id == last.c.run_id)
+             .outerjoin(kept, kept.c.target_id == targets.c.id))
+        if target_ids is not None:
+            q = q.where(targets.c.id.in_(target_ids))
+        out: dict[int, dict[str, Any]] = {}
+        with self._tx() as conn:
+            for r in conn.execute(q):
+                out[r.id] = {
+                    "last_run_at": r.started_at, "last_finished_at": r.finished_at,
+                    "last_status": r.status, "last_error_code": r.error_code,
+                    "archives_kept": r.archives_kept or 0, "bytes_kept": r.bytes_kept or 0,
+                }
+        return out
+
+    def unregister_target(self, target_id: int) -> Target:
+        with self._tx() as conn:
+            res = conn.execute(targets.update().where(targets.c.id == target_id,
+                                                      targets.c.unregistered_at.is_(None))
+                               .values(unregistered_at=self.clock(), next_retry_at=None))
+        if res.rowcount != 1:
+            self.get_target(target_id)  # raises NotFound when it does not exist
+        return self.get_target(target_id)
+
+    def record_failure(self, target_id: int, next_retry_at: dt.datetime | None) -> int:
+        """Count one more failed attempt; returns the new count."""
+        with self._tx() as conn:
+            conn.execute(targets.update().where(targets.c.id == target_id).values(
+                failures=targets.c.failures + 1, next_retry_at=next_retry_at))
+            return conn.execute(sa.select(targets.c.failures)
+                                .where(targets.c.id == target_id)).scalar_one()
+
+    def set_next_retry(self, target_id: int, next_retry_at: dt.datetime | None) -> None:
+        with self._tx() as conn:
+            conn.execute(targets.update().where(targets.c.id == target_id)
+                         .values(next_retry_at=next_retry_at))
+
+    def overdue_targets(self, node_id: int) -> list[Target]:
+        """Active targets of a node whose latest attempt failed (they wait for the node)."""
+        with self._tx() as conn:
+            rows = conn.execute(self._target_query().where(
+                targets.c.node_id == node_id, targets.c.unregistered_at.is_(None),
+                targets.c.failures > 0).order_by(targets.c.id))
+            return [self._target(_row(r)) for r in rows]
+
+    # -- runs --------------------------------------------------------------
+
+    def start_run(self, target_id: int, trigger: str) -> int:
+        with self._tx() as conn:
+            return conn.execute(runs.insert().values(
+                target_id=target_id, started_at=self.clock(), status="running",
+                trigger=trigger, bytes_transferred=0)).inserted_primary_key[0]
+
+    def finish_unchanged(self, run_id: int, target_id: int, fingerprint: str,
+                         bytes_transferred: int) -> None:
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(
+                status="unchanged", finished_at=self.clock(), fingerprint=fingerprint,
+                bytes_transferred=bytes_transferred))
+            conn.execute(targets.update().where(targets.c.id == target_id)
+                         .values(failures=0, next_retry_at=None))
+
+    def fail_run(self, run_id: int, code: str, message: str, *, bytes_transferred: int = 0,
+                 warnings: str | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(
+                status="failed", finished_at=self.clock(), error_code=code, message=message,
+                bytes_transferred=bytes_transferred, warnings=warnings))
+
+    def commit_archive(self, run_id: int, target_id: int, *, created_at: dt.datetime,
+                       size: int, sha256: str, file_name: str, fingerprint: str,
+                       bytes_transferred: int, warnings: str | None) -> int:
+        """Archive row + run row + target fingerprint in one transaction."""
+        with self._tx() as conn:
+            aid = conn.execute(archives.insert().values(
+                target_id=target_id, run_id=run_id, created_at=created_at, size=size,
+                sha256=sha256, file_name=file_name, fingerprint=fingerprint)
+            ).inserted_primary_key[0]
+            conn.execute(runs.update().where(runs.c.id == run_id).values(
+                status="success", finished_at=self.clock(), archive_id=aid,
+                fingerprint=fingerprint, bytes_transferred=bytes_transferred,
+                warnings=warnings))
+            conn.execute(targets.update().where(targets.c.id == target_id).values(
+                last_fingerprint=fingerprint, failures=0, next_retry_at=None))
+            return aid
+
+    def interrupt_running(self) -> list[int]:
+        """Runs left ``running`` by a server that died become ``interrupted``."""
+        with self._tx() as conn:
+            ids = list(conn.execute(sa.select(runs.c.id).where(runs.c.status == "running"))
+                       .scalars())
+            if ids:
+                conn.execute(runs.update().where(runs.c.id.in_(ids)).values(
+                    status="interrupted", finished_at=self.clock(), error_code="interrupted",
+                    message="the server stopped while this run was in flight"))
+            return ids
+
+    def get_run(self, run_id: int) -> dict[str, Any]:
+        with self._tx() as conn:
+            found = conn.execute(self._runs_query().where(runs.c.id == run_id)).first()
+        if found is None:
+            raise NotFound("run", run_id)
+        return _row(found)
+
+    def _runs_query(self) -> sa.Select:
+        return (sa.select(runs, targets.c.path, nodes.c.user, nodes.c.host, nodes.c.port)
+                .join(targets, targets.c.id == runs.c.target_id)
+                .join(nodes, nodes.c.id == targets.c.node_id))
+
+    def list_runs(self, *, target_ids: list[int] | None = None, node_ids: list[int] | None = None,
+                  status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = self._runs_query()
+        if target_ids is not None:
+            q = q.where(runs.c.target_id.in_(target_ids))
+        if node_ids is not None:
+            q = q.where(targets.c.node_id.in_(node_ids))
+        if status is not None:
+            q = q.where(runs.c.status == status)
+        with self._tx() as conn:
+            return [_row(r) for r in conn.execute(q.order_by(runs.c.id.desc()).limit(limit))]
+
+    def count_runs(self, target_id: int) -> int:
+        with self._tx() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(runs)
+                                .where(runs.c.target_id == target_id)).scalar_one()
+
+    # -- archives ----------------------------------------------------------
+
+    def list_archives(self, target_id: int, *, retained_only: bool = False) -> list[dict[str, Any]]:
+        q = sa.select(archives).where(archives.c.target_id == target_id)
+        if retained_only:
+            q = q.where(archives.c.deleted_at.is_(None))
+        with self._tx() as conn:
+            return [_row(r) for r in conn.execute(
+                q.order_by(archives.c.created_at.desc(), archives.c.id.desc()))]
+
+    def get_archive(self, archive_id: int) -> dict[str, Any]:
+        with self._tx() as conn:
+            found = conn.execute(sa.select(archives).where(archives.c.id == archive_id)).first()
+        if found is None:
+            raise NotFound("archive", archive_id)
+        return _row(found)
+
+    def retained_file_names(self) -> set[str]:
+        with self._tx() as conn:
+            return set(conn.execute(sa.select(archives.c.file_name)
+                                    .where(archives.c.deleted_at.is_(None))).scalars())
+
+    def mark_archives_deleted(self, archive_ids: list[int]) -> None:
+        if not archive_ids:
+            return
+        with self._tx() as conn:
+            conn.execute(archives.update().where(archives.c.id.in_(archive_ids),
+                                                 archives.c.deleted_at.is_(None))
+                         .values(deleted_at=self.clock()))
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy emit BEGIN (see the "begin" listener) instead of pysqlite.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
