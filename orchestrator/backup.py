@@ -90,23 +90,39 @@ class BackupEngine:
         self.throttle = throttle
         self._lock = threading.Lock()
         self._running: set[int] = set()
+        self._target_locks: dict[int, threading.Lock] = {}
         self._node_slots: dict[NodeAddress, threading.BoundedSemaphore] = {}
+        # Set by a server that is shutting down: runs it aborts are recorded
+        # as ``interrupted`` rather than ``failed``.
+        self.stopping = threading.Event()
 
     def _node_slot(self, node: NodeAddress) -> threading.BoundedSemaphore:
         with self._lock:
             return self._node_slots.setdefault(node, threading.BoundedSemaphore(self.per_node))
 
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._running)
+
     def is_running(self, target_id: int) -> bool:
         with self._lock:
             return target_id in self._running
 
-    def run(self, target_id: int, trigger: str = "schedule") -> RunResult:
-        """Back up one target now. Raises ``RunInProgress`` when it already runs."""
+    def _target_lock(self, target_id: int) -> threading.Lock:
         with self._lock:
-            if target_id in self._running:
-                raise RunInProgress(target_id)
-            self._running.add(target_id)
+            return self._target_locks.setdefault(target_id, threading.Lock())
+
+    def run(self, target_id: int, trigger: str = "schedule", *,
+            queue: bool = False) -> RunResult:
+        """Back up one target now. When it already runs: raise ``RunInProgress``,
+        or with ``queue`` wait for that run to end and then run again (a user
+        who asks for a backup now wants one that starts after the request)."""
+        lock = self._target_lock(target_id)
+        if not lock.acquire(blocking=queue):
+            raise RunInProgress(target_id)
         try:
+            with self._lock:
+                self._running.add(target_id)
             target = self.catalog.get_target(target_id)
             node = node_address(target)
             with self._node_slot(node):
@@ -114,6 +130,7 @@ class BackupEngine:
         finally:
             with self._lock:
                 self._running.discard(target_id)
+            lock.release()
 
     def _run(self, target: Target, node: NodeAddress, trigger: str) -> RunResult:
         started = time.monotonic()
@@ -186,8 +203,10 @@ class BackupEngine:
 
     def _fail(self, target: Target, run_id: int, code: str, message: str, transferred: int,
               *, node_unreachable: bool = False) -> RunResult:
+        status = "interrupted" if self.stopping.is_set() else "failed"
         try:
-            self.catalog.fail_run(run_id, code, message, bytes_transferred=transferred)
+            self.catalog.fail_run(run_id, code, message, bytes_transferred=transferred,
+                                  status=status)
         except StorageError as exc:
             log.error("cannot record failed run %s: %s", run_id, exc.message)
         if node_unreachable:
@@ -195,7 +214,7 @@ class BackupEngine:
                 self.catalog.node_unreachable(target.node.id, message)
             except StorageError as exc:
                 log.error("cannot mark node %s unreachable: %s", target.node.id, exc.message)
-        return RunResult(run_id, target.id, "failed", transferred, error_code=code,
+        return RunResult(run_id, target.id, status, transferred, error_code=code,
                          message=message, node_unreachable=node_unreachable)
 
     def _mark_reachable(self, target: Target) -> None:

@@ -123,6 +123,14 @@ class StreamIncomplete(NodeError):
                          "(connection lost mid-stream); nothing was kept")
 
 
+class ConnectionLost(UnreachableNode):
+    """The transport died mid-command: the node (or the network) went away."""
+
+    def __init__(self, address: str, what: str) -> None:
+        NodeError.__init__(self, f"connection to {address} lost during {what}; "
+                                 "nothing from this run was kept")
+
+
 class PathNotFound(NodeError):
     code = "path_not_found"
     http_status = 422

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from orchestrator import remote
 from orchestrator.errors import (
     AuthFailed,
+    ConnectionLost,
     HostKeyMismatch,
     NodeError,
     StreamIncomplete,
@@ -242,6 +243,11 @@ class Connection:
                 raise UnreachableNode(str(self.node), f"connection lost: {exc}") from exc
         raise AssertionError("unreachable")
 
+    def _incomplete(self, what: str) -> NodeError:
+        if not self.transport.is_active():
+            return ConnectionLost(str(self.node), what)
+        return StreamIncomplete(str(self.node), what)
+
     def exec(self, command: str, *, sink: Callable[[bytes], None] | None = None,
              what: str = "command", stderr_limit: int = 64 * 1024,
              timeout: float | None = None) -> ExecResult:
@@ -282,7 +288,7 @@ class Connection:
                 except TimeoutError as exc:
                     raise Timeout(str(self.node), what, timeout) from exc
                 except (paramiko.SSHException, EOFError, OSError) as exc:
-                    raise StreamIncomplete(str(self.node), what) from exc
+                    raise self._incomplete(what) from exc
                 if not data:
                     break
                 total += len(data)
@@ -298,7 +304,7 @@ class Connection:
             # paramiko also sets status_event when the channel closes without
             # an exit-status message, leaving exit_status at -1.
             if chan.exit_status < 0:
-                raise StreamIncomplete(str(self.node), what)
+                raise self._incomplete(what)
             return ExecResult(chan.exit_status, drain.value(), drain.truncated, total,
                               drain.total, bytes(collected))
         finally:

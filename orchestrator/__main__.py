@@ -1,0 +1,80 @@
+"""backhauld: read settings, build the Server, serve the API until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from orchestrator.settings import Settings, build_parser
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("paramiko", "apscheduler"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv:
+        from orchestrator.server import __version__
+        print(f"backhauld {__version__}")
+        return 0
+    try:
+        settings = Settings.load(argv)
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    setup_logging(settings.log_format, settings.log_level)
+
+    import uvicorn
+
+    from orchestrator.api import create_app
+    from orchestrator.server import Server, ServerError
+
+    try:
+        server = Server(settings)
+        server.start()
+    except ServerError as exc:
+        print(f"backhauld: error: {exc.message}", file=sys.stderr)
+        return 1
+    host, port = settings.listen
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_config=None,
+                            access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    logging.getLogger(__name__).info("API listening on http://%s:%d (token in %s)",
+                                     host, port, server.data_dir / "api-token")
+    # uvicorn re-raises the signal it caught once it has shut down; with these
+    # handlers in place that lands here instead of killing us before stop().
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note_signal)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        server.stop()
+    return 0
+
+
+def _note_signal(sig: int, _frame: object) -> None:
+    logging.getLogger(__name__).info("signal %d: stopping", sig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""HTTP/JSON routes (FastAPI): token auth and one error shape.
+
+Every error leaves through ``_error`` as ``{"error": {"code", "message"}}``
+with a fitting HTTP status; a test asserts the shape across routes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.errors import BackhaulError
+from orchestrator.server import Server, __version__
+from storage.catalog import Node, Target, format_address
+from storage.errors import NotFound, StorageError, TargetExists
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+
+
+class RegisterBody(BaseModel):
+    host: str = Field(description="node host name or IP address")
+    port: int = Field(22, description="node SSH port")
+    user: str | None = Field(None, description="SSH user (default: the server's default user)")
+    path: str = Field(description="absolute path on the node to back up")
+    every_minutes: int = Field(description="backup frequency in minutes (>= 1)")
+    keep: int = Field(10, description="archives to keep (>= 1)")
+    host_key_fingerprint: str | None = Field(
+        None, description="expected host key, SHA256:... as ssh-keygen -l prints it")
+
+
+class TrustBody(BaseModel):
+    fingerprint: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def node_json(n: Node) -> dict[str, Any]:
+    return {
+        "id": n.id, "user": n.user, "host": n.host, "port": n.port, "address": n.address,
+        "host_key_type": n.host_key_type, "host_key_fingerprint": n.host_key_fingerprint,
+        "host_key_pinned": n.host_key_b64 is not None,
+        "reachable": n.reachable, "last_error": n.last_error,
+        "last_seen_at": iso(n.last_seen_at), "unreachable_since": iso(n.unreachable_since),
+        "next_probe_at": iso(n.next_probe_at) if n.reachable is False else None,
+    }
+
+
+def target_json(t: Target, summary: dict[str, Any] | None,
+                next_run: dt.datetime | None) -> dict[str, Any]:
+    s = summary or {}
+    return {
+        "id": t.id, "node_id": t.node.id, "user": t.node.user, "host": t.node.host,
+        "port": t.node.port, "address": t.node.address, "path": t.path,
+        "every_minutes": t.every_minutes, "keep": t.keep, "active": t.active,
+        "created_at": iso(t.created_at), "unregistered_at": iso(t.unregistered_at),
+        "next_run_at": iso(next_run) if t.active else None,
+        "last_run_at": iso(s.get("last_run_at")), "last_status": s.get("last_status"),
+        "last_error_code": s.get("last_error_code"),
+        "archives_kept": s.get("archives_kept", 0), "bytes_kept": s.get("bytes_kept", 0),
+        "failures": t.failures, "node_reachable": t.node.reachable,
+    }
+
+
+def archive_json(a: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": a["id"], "target_id": a["target_id"], "run_id": a["run_id"],
+        "created_at": iso(a["created_at"]), "size": a["size"], "sha256": a["sha256"],
+        "file_name": a["file_name"].rsplit("/", 1)[-1], "fingerprint": a["fingerprint"],
+        "retained": a["deleted_at"] is None, "deleted_at": iso(a["deleted_at"]),
+    }
+
+
+def run_json(r: dict[str, Any]) -> dict[str, Any]:
+    started, finished = r["started_at"], r["finished_at"]
+    return {
+        "id": r["id"], "target_id": r["target_id"],
+        "address": format_address(r["user"], r["host"], r["port"]), "path": r["path"],
+        "started_at": iso(started), "finished_at": iso(finished), "status": r["status"],
+        "trigger": r["trigger"], "bytes_transferred": r["bytes_transferred"],
+        "archive_id": r["archive_id"], "error_code": r["error_code"], "message": r["message"],
+        "warnings": r["warnings"],
+        "duration_seconds": round((finished - started).total_seconds(), 3) if finished else None,
+    }
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="backhauld", version=__version__,
+                  description="backhaul's backup server API. Every route but /health needs "
+                              "`Authorization: Bearer <token>` (the token is in "
+                              "<data-dir>/api-token).")
+    token = server.token.encode()
+
+    def require_token(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(),
+                                                                    token):
+            raise ApiError(401, "unauthorized", "missing or wrong API token (see "
+                                                "<data-dir>/api-token or BACKHAUL_TOKEN)")
+
+    @app.exception_handler(ApiError)
+    def _api_error(_r: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _error(exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(BackhaulError)
+    def _backhaul_error(_r: Request, exc: BackhaulError) -> JSONResponse:
+        return _error(exc.http_status, exc.code, exc.message)
+
+    @app.exception_handler(StorageError)
+    def _storage_error(_r: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, NotFound):
+            return _error(404, exc.code, exc.message)
+        if isinstance(exc, TargetExists):
+            return _error(409, exc.code, exc.message)
+        log.error("storage error answering a request: %s", exc.message)
+        return _error(503, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    def _http(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    def _unexpected(_r: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error answering a request")
+        return _error(500, "internal_error", f"{exc.__class__.__name__}: {exc}")
+
+    @app.get("/health", summary="liveness (no token)")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    r = APIRouter(prefix=API, dependencies=[Depends(require_token)])
+
+    def target_out(t: Target) -> dict[str, Any]:
+        return target_json(t, server.catalog.target_summaries([t.id]).get(t.id),
+                           server.scheduler.next_runs().get(t.id))
+
+    def resolve_target(target_id: int) -> Target:
+        return server.catalog.get_target(target_id)
+
+    @r.get("/pubkey", summary="the server's SSH public key")
+    def pubkey(restricted: bool = False) -> dict[str, Any]:
+        line = server.key.public_line
+        if restricted:
+            line = "restrict " + line
+        return {"public_key": server.key.public_line, "fingerprint": server.key.fingerprint,
+                "authorized_keys_line": line}
+
+    @r.get("/nodes", summary="nodes with pinned host keys and reachability")
+    def list_nodes() -> dict[str, Any]:
+        return {"nodes": [node_json(n) for n in server.catalog.list_nodes()]}
+
+    @r.post("/nodes/{node_id}/trust", summary="forget a node's pinned host key")
+    def trust(node_id: int, body: TrustBody | None = None) -> dict[str, Any]:
+        node = server.trust_node(node_id, body.fingerprint if body else None)
+        return {"node": node_json(node)}
+
+    @r.post("/targets", status_code=201, summary="register a (node, path) target")
+    def register(body: RegisterBody) -> dict[str, Any]:
+        reg = server.register(host=body.host, port=body.port, user=body.user, path=body.path,
+                              every_minutes=body.every_minutes, keep=body.keep,
+                              host_key_fingerprint=body.host_key_fingerprint)
+        return {"target": target_out(reg.target), "warnings": reg.warnings}
+
+    @r.get("/targets", summary="targets with next and last run")
+    def list_targets(host: str | None = None, port: int | None = None,
+                     user: str | None = None, path: str | None = None,
+                     all: bool = Query(False, description="include unregistered targets"),
+                     ) -> dict[str, Any]:
+        targets = server.catalog.list_targets(active_only=not all, host=host, port=port,
+                                              user=user, path=path)
+        summaries = server.catalog.target_summaries()
+        next_runs = server.scheduler.next_runs()
+        return {"targets": [target_json(t, summaries.get(t.id), next_runs.get(t.id))
+                            for t in targets]}
+
+    @r.get("/targets/{target_id}", summary="one target")
+    def get_target(target_id: int) -> dict[str, Any]:
+        return {"target": target_out(resolve_target(target_id))}
+
+    @r.delete("/targets/{target_id}", summary="unregister: stop its backups")
+    def unregister(target_id: int, purge: bool = False) -> dict[str, Any]:
+        target, purged = server.unregister(target_id, purge=purge)
+        return {"target": target_out(target), "purged_archives": purged}
+
+    @r.get("/targets/{target_id}/backups", summary="every archive ever made for a target")
+    def backups(target_id: int) -> dict[str, Any]:
+        target = resolve_target(target_id)
+        return {"target": target_out(target),
+                "backups": [archive_json(a) for a in server.catalog.list_archives(target_id)]}
+
+    @r.post("/targets/{target_id}/run", summary="back up now")
+    def run(target_id: int, wait: bool = False,
+            timeout: float | None = Query(None, gt=0)) -> JSONResponse:
+        result = server.run_now(target_id, wait=wait, timeout=timeout)
+        if result is None:
+            return JSONResponse({"target_id": target_id, "queued": True}, status_code=202)
+        return JSONResponse({"run": run_json(result)})
+
+    @r.get("/runs", summary="the run log, newest first")
+    def runs(target_id: int | None = None, host: str | None = None, port: int | None = None,
+             user: str | None = None, path: str | None = None,
+             status: str | None = None,
+             limit: int = Query(50, ge=1, le=10_000)) -> dict[str, Any]:
+        target_ids = [target_id] if target_id is not None else None
+        if target_ids is None and (host or port or user or path):
+            target_ids = [t.id for t in server.catalog.list_targets(
+                active_only=False, host=host, port=port, user=user, path=path)]
+        rows = server.catalog.list_runs(target_ids=target_ids, status=status, limit=limit)
+        return {"runs": [run_json(x) for x in rows]}
+
+    @r.get("/archives/{archive_id}", summary="one archive's facts")
+    def archive(archive_id: int) -> dict[str, Any]:
+        return {"backup": archive_json(server.catalog.get_archive(archive_id))}
+
+    @r.get("/archives/{archive_id}/download", summary="the archive's tar.gz bytes",
+           response_class=FileResponse)
+    def download(archive_id: int) -> FileResponse:
+        a = server.catalog.get_archive(archive_id)
+        if a["deleted_at"] is not None:
+            raise ApiError(410, "archive_rotated",
+                           f"archive {archive_id} was rotated out on {iso(a['deleted_at'])}")
+        path = server.store.path_of(a["file_name"])
+        if not path.exists():
+            raise ApiError(410, "archive_missing",
+                           f"archive {archive_id} is listed but its file is gone from the store")
+        return FileResponse(path, media_type="application/gzip",
+                            filename=a["file_name"].rsplit("/", 1)[-1],
+                            headers={"X-Backhaul-SHA256": a["sha256"]})
+
+    app.include_router(r)
+    return app

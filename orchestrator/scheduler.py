@@ -1,0 +1,168 @@
+"""APScheduler 3.x with a persistent SQLAlchemy job store.
+
+Job ids and what they run (always by textual reference, primitive args only,
+so a stored job never fails to unpickle after a refactor):
+
+- ``target:<id>``  interval job, ``orchestrator.jobs:run_target``
+- ``retry:<id>``   one-off date job, ``orchestrator.jobs:retry_target``
+- ``probe:<id>``   one-off date job per node, ``orchestrator.jobs:probe_node``
+
+Retries are separate date jobs, never ``modify_job(next_run_time=...)``, which
+would shift the interval for good. Only one process may own the job store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import event
+
+log = logging.getLogger(__name__)
+
+RUN_TARGET = "orchestrator.jobs:run_target"
+RETRY_TARGET = "orchestrator.jobs:retry_target"
+PROBE_NODE = "orchestrator.jobs:probe_node"
+TABLE = "apscheduler_jobs"
+
+
+def target_job(target_id: int) -> str:
+    return f"target:{target_id}"
+
+
+def retry_job(target_id: int) -> str:
+    return f"retry:{target_id}"
+
+
+def probe_job(node_id: int) -> str:
+    return f"probe:{node_id}"
+
+
+class Scheduler:
+    def __init__(self, path: Path, *, workers: int, minute_seconds: float = 60.0) -> None:
+        self.minute_seconds = minute_seconds
+        self.engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+        event.listen(self.engine, "connect", _wal)
+        self.store = SQLAlchemyJobStore(engine=self.engine, tablename=TABLE)
+        self.aps = BackgroundScheduler(
+            jobstores={"default": self.store},
+            executors={"default": ThreadPoolExecutor(workers)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=dt.UTC,
+        )
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        self.aps.start(paused=paused)
+
+    def resume(self) -> None:
+        self.aps.resume()
+
+    def shutdown(self) -> None:
+        if self.aps.running:
+            self.aps.shutdown(wait=False)
+        self.engine.dispose()
+
+    # -- targets --------------------------------------------------------------
+
+    def interval(self, every_minutes: int) -> IntervalTrigger:
+        return IntervalTrigger(seconds=every_minutes * self.minute_seconds, timezone=dt.UTC)
+
+    def add_target(self, target_id: int, every_minutes: int,
+                   first_run_at: dt.datetime | None = None) -> None:
+        """A new interval job; its first run is at ``first_run_at`` (default: now)."""
+        self.aps.add_job(RUN_TARGET, trigger=self.interval(every_minutes), args=[target_id],
+                         id=target_job(target_id), name=f"backup target {target_id}",
+                         replace_existing=True,
+                         next_run_time=first_run_at or dt.datetime.now(dt.UTC))
+
+    def remove_target(self, target_id: int) -> None:
+        for job_id in (target_job(target_id), retry_job(target_id)):
+            self._remove(job_id)
+
+    def job_ids(self) -> set[str]:
+        """Ids of every stored job, read without unpickling any of them."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.text(f"SELECT id FROM {TABLE}")).scalars())
+
+    def reconcile(self, active: dict[int, int]) -> tuple[list[int], list[str]]:
+        """Make the job store match the catalog: one interval job per active
+        target (``{target_id: every_minutes}``), none for others. Pending
+        next-run times of existing jobs are kept. Returns (added, removed)."""
+        stored = self.job_ids()
+        added = []
+        for tid, every in sorted(active.items()):
+            if target_job(tid) not in stored:
+                self.add_target(tid, every)
+                added.append(tid)
+        removed = []
+        for job_id in sorted(stored):
+            kind, _, ident = job_id.partition(":")
+            if kind in ("target", "retry") and (not ident.isdigit()
+                                                or int(ident) not in active):
+                self._remove(job_id)
+                removed.append(job_id)
+        return added, removed
+
+    def next_runs(self) -> dict[int, dt.datetime]:
+        """Next run of every target (interval or pending retry, whichever is
+        sooner), in one query and without unpickling jobs."""
+        out: dict[int, dt.datetime] = {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                f"SELECT id, next_run_time FROM {TABLE} "
+                "WHERE (id LIKE 'target:%' OR id LIKE 'retry:%') AND next_run_time IS NOT NULL"))
+            for job_id, ts in rows:
+                ident = job_id.partition(":")[2]
+                if not ident.isdigit():
+                    continue
+                when = dt.datetime.fromtimestamp(ts, dt.UTC)
+                tid = int(ident)
+                if tid not in out or when < out[tid]:
+                    out[tid] = when
+        return out
+
+    # -- retries and probes ------------------------------------------------------
+
+    def schedule_retry(self, target_id: int, when: dt.datetime) -> None:
+        self.aps.add_job(RETRY_TARGET, trigger=DateTrigger(when, timezone=dt.UTC),
+                         args=[target_id], id=retry_job(target_id),
+                         name=f"retry target {target_id}", replace_existing=True)
+
+    def cancel_retry(self, target_id: int) -> None:
+        self._remove(retry_job(target_id))
+
+    def has_probe(self, node_id: int) -> bool:
+        return self.aps.get_job(probe_job(node_id)) is not None
+
+    def schedule_probe(self, node_id: int, when: dt.datetime) -> None:
+        self.aps.add_job(PROBE_NODE, trigger=DateTrigger(when, timezone=dt.UTC),
+                         args=[node_id], id=probe_job(node_id), name=f"probe node {node_id}",
+                         replace_existing=True)
+
+    def submit_now(self, func: str, args: list[Any], job_id: str) -> None:
+        """Run a job function as soon as a worker is free (used for recovery)."""
+        self.aps.add_job(func, trigger=DateTrigger(dt.datetime.now(dt.UTC), timezone=dt.UTC),
+                         args=args, id=job_id, replace_existing=True)
+
+    def _remove(self, job_id: str) -> None:
+        try:
+            self.aps.remove_job(job_id)
+        except JobLookupError:
+            pass
+
+
+def _wal(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.close()

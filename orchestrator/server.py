@@ -1,0 +1,441 @@
+"""Builds and wires the server: catalog, archive store, SSH pool, backup
+engine, scheduler; owns the retry-on-availability policy.
+
+The object graph is built once here and passed explicitly; the only global is
+the handle in ``jobs.py`` that APScheduler's textual job references use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import getpass
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import jobs, remote, validation
+from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult, node_address
+from orchestrator.errors import (
+    AuthFailed,
+    BackhaulError,
+    HostKeyMismatch,
+    NodeError,
+    RunInProgress,
+)
+from orchestrator.scheduler import Scheduler
+from orchestrator.settings import Settings
+from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
+from orchestrator.throttle import TokenBucket
+from storage.archives import ArchiveStore
+from storage.catalog import Catalog, Node, Target, utcnow
+from storage.errors import NotFound, StorageError, TargetExists
+
+log = logging.getLogger(__name__)
+
+__version__ = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Registration:
+    target: Target
+    warnings: list[str]
+
+
+class Server:
+    def __init__(self, settings: Settings, *, clock: Callable[[], dt.datetime] = utcnow,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.data_dir = Path(settings.data_dir).resolve()
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock")
+        self.token = _load_or_create_token(self.data_dir / "api-token")
+        self.catalog = Catalog(self.data_dir / "catalog.db", clock=clock)
+        self.store = ArchiveStore(self.data_dir / "archives")
+        self.key = ServerKey(self.data_dir / "ssh" / "id_ed25519",
+                             comment=f"backhaul@{os.uname().nodename}")
+        self.pool = SSHPool(self.key, CatalogHostKeys(self.catalog),
+                            connect_timeout=settings.connect_timeout,
+                            io_timeout=settings.io_timeout, idle_timeout=settings.idle_timeout)
+        bucket = TokenBucket(settings.bwlimit) if settings.bwlimit else None
+        self.engine = BackupEngine(self.catalog, self.store, self.pool,
+                                   per_node=settings.per_node,
+                                   throttle=bucket.take if bucket else None)
+        self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
+                                   minute_seconds=settings.minute_seconds)
+        self.manual = ThreadPoolExecutor(max_workers=settings.workers,
+                                         thread_name_prefix="manual-run")
+        self.default_user = settings.default_user or getpass.getuser()
+        self._stopping = threading.Event()
+        self._janitor: threading.Thread | None = None
+        self._probe_lock = threading.Lock()
+        self._probing: set[int] = set()  # nodes whose probe runs right now
+        self.started = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from whatever the last process left, then start scheduling."""
+        interrupted = self.catalog.interrupt_running()
+        if interrupted:
+            log.warning("runs %s were in flight when the server stopped: marked interrupted",
+                        interrupted)
+        for p in self.store.sweep_temp_files():
+            log.warning("removed orphan temp file %s", p)
+        for name in self.store.sweep_unlisted(self.catalog.retained_file_names()):
+            log.warning("removed archive file %s that the catalog never listed", name)
+        self.scheduler.start(paused=True)
+        active = {t.id: t.every_minutes for t in self.catalog.list_targets()}
+        added, removed = self.scheduler.reconcile(active)
+        if added or removed:
+            log.info("job store reconciled with the catalog: added %s, removed %s",
+                     added, removed)
+        self._restore_retries()
+        jobs.install(self)
+        self.scheduler.resume()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="ssh-janitor",
+                                         daemon=True)
+        self._janitor.start()
+        self.started = True
+        log.info("backhauld %s started: data dir %s, %d active targets", __version__,
+                 self.data_dir, len(active))
+
+    def stop(self) -> None:
+        """Stop taking work; let in-flight runs finish within ``shutdown_grace``,
+        then abort them (recorded as ``interrupted``)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.scheduler.shutdown()
+        self.manual.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while self.engine.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.engine.in_flight():
+            log.warning("aborting %d runs still in flight after %gs", self.engine.in_flight(),
+                        self.settings.shutdown_grace)
+            self.engine.stopping.set()
+            self.pool.close()
+            deadline = time.monotonic() + 10
+            while self.engine.in_flight() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.pool.close()
+        jobs.install(None)
+        self.catalog.close()
+        os.close(self._lock_fd)
+        log.info("backhauld stopped")
+
+    def _janitor_loop(self) -> None:
+        while not self._stopping.wait(min(30.0, self.settings.idle_timeout / 2)):
+            try:
+                self.pool.close_idle()
+            except Exception:  # noqa: BLE001 - the janitor must not die
+                log.exception("closing idle connections failed")
+
+    def _restore_retries(self) -> None:
+        """Failed targets and unreachable nodes keep waiting across a restart."""
+        stored = self.scheduler.job_ids()
+        now = self.clock()
+        for node in self.catalog.list_nodes():
+            if node.reachable is False and f"probe:{node.id}" not in stored \
+                    and self.catalog.list_targets(node_id=node.id):
+                self.scheduler.schedule_probe(node.id, now)
+        for t in self.catalog.list_targets():
+            if t.failures and t.node.reachable is not False and f"retry:{t.id}" not in stored:
+                self.scheduler.schedule_retry(t.id, t.next_retry_at or now)
+
+    # -- backoff ----------------------------------------------------------------
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retry number ``attempt`` (1-based): exponential from
+        ``retry_min``, capped at ``retry_max``, minus up to 20 % jitter so
+        many targets failing together do not retry in lockstep."""
+        base = self.settings.retry_min * 2 ** max(0, attempt - 1)
+        return min(self.settings.retry_max, base) * self.rng.uniform(0.8, 1.0)
+
+    # -- runs ---------------------------------------------------------------------
+
+    def run_job(self, target_id: int, trigger: str) -> RunResult | None:
+        """What the scheduler calls. Never raises: a failing job must not take
+        the scheduler down."""
+        if self._stopping.is_set():
+            return None
+        try:
+            try:
+                target = self.catalog.get_target(target_id)
+            except NotFound:
+                self.scheduler.remove_target(target_id)
+                return None
+            if not target.active:
+                self.scheduler.remove_target(target_id)
+                return None
+            if trigger == "schedule" and target.node.reachable is False:
+                # The node is down: one probe per node, not one attempt per target.
+                log.info("target %s skipped: node %s is unreachable (waiting for its probe)",
+                         target_id, target.node.address)
+                self.catalog.record_failure(target_id, None)
+                self._ensure_probe(target.node)
+                return None
+            try:
+                result = self.engine.run(target_id, trigger)
+            except RunInProgress:
+                log.info("target %s: %s run skipped, a run is in progress", target_id, trigger)
+                return None
+            self.after_run(target, result)
+            return result
+        except StorageError as exc:
+            log.error("target %s: catalog unavailable: %s; retrying", target_id, exc.message)
+            self._retry_later(target_id, 1, None)
+            return None
+        except Exception:  # noqa: BLE001
+            log.exception("job for target %s crashed", target_id)
+            return None
+
+    def after_run(self, target: Target, result: RunResult) -> None:
+        if result.status in ("success", "unchanged"):
+            if target.failures or target.next_retry_at:
+                self.scheduler.cancel_retry(target.id)
+            return
+        if self._stopping.is_set():
+            return  # recorded; the next start restores the retry
+        if result.node_unreachable:
+            self.catalog.record_failure(target.id, None)
+            self.scheduler.cancel_retry(target.id)
+            self._ensure_probe(self.catalog.get_node(target.node.id))
+            return
+        failures = self.catalog.record_failure(target.id, None)
+        self._retry_later(target.id, failures, target.every_minutes)
+
+    def _retry_later(self, target_id: int, failures: int, every_minutes: int | None) -> None:
+        delay = self.backoff(failures)
+        if every_minutes is not None:
+            delay = min(delay, every_minutes * self.settings.minute_seconds)
+        when = self.clock() + dt.timedelta(seconds=delay)
+        try:
+            self.catalog.set_next_retry(target_id, when)
+        except StorageError:
+            pass
+        self.scheduler.schedule_retry(target_id, when)
+        log.info("target %s: retry %d in %.1fs", target_id, failures, delay)
+
+    def _ensure_probe(self, node: Node) -> None:
+        with self._probe_lock:
+            if node.id in self._probing or self.scheduler.has_probe(node.id):
+                return
+        attempts = node.probe_attempts + 1
+        when = self.clock() + dt.timedelta(seconds=self.backoff(attempts))
+        self.catalog.node_unreachable(node.id, node.last_error or "unreachable",
+                                      next_probe_at=when, probe_attempts=attempts)
+        self.scheduler.schedule_probe(node.id, when)
+        log.info("node %s unreachable: probe %d at %s", node.address, attempts,
+                 when.isoformat(timespec="seconds"))
+
+    def probe_node(self, node_id: int) -> None:
+        if self._stopping.is_set():
+            return
+        with self._probe_lock:
+            if node_id in self._probing:
+                return
+            self._probing.add(node_id)
+        try:
+            self._probe(node_id)
+        finally:
+            with self._probe_lock:
+                self._probing.discard(node_id)
+
+    def _probe(self, node_id: int) -> None:
+        try:
+            node = self.catalog.get_node(node_id)
+            if not self.catalog.list_targets(node_id=node_id):
+                return
+            addr = NodeAddress(node.user, node.host, node.port)
+            try:
+                self.engine.probe(addr)
+            except NodeError as exc:
+                attempts = node.probe_attempts + 1
+                when = self.clock() + dt.timedelta(seconds=self.backoff(attempts))
+                self.catalog.node_unreachable(node_id, exc.message, next_probe_at=when,
+                                              probe_attempts=attempts)
+                if isinstance(exc, HostKeyMismatch):
+                    log.error("node %s: %s", node.address, exc.message)
+                self.scheduler.schedule_probe(node_id, when)
+                log.info("probe %d of node %s failed (%s); next in %.0fs", node.probe_attempts,
+                         node.address, exc.code, (when - self.clock()).total_seconds())
+                return
+            self.catalog.node_reachable(node_id)
+            overdue = self.catalog.overdue_targets(node_id)
+            log.info("node %s is reachable again: running %d overdue targets", node.address,
+                     len(overdue))
+            for t in overdue:
+                self.scheduler.cancel_retry(t.id)
+                self.scheduler.submit_now("orchestrator.jobs:recover_target", [t.id],
+                                          f"recover:{t.id}")
+        except Exception:  # noqa: BLE001
+            log.exception("probe of node %s crashed", node_id)
+
+    def run_now(self, target_id: int, *, wait: bool,
+                timeout: float | None = None) -> dict[str, Any] | None:
+        """Back up now (the API's ``run``). With ``wait``, returns the run row."""
+        target = self.catalog.get_target(target_id)
+        if not target.active:
+            raise NotFound("target", target_id)
+
+        def manual() -> RunResult:
+            result = self.engine.run(target_id, "manual", queue=True)
+            try:
+                self.after_run(target, result)
+            except Exception:  # noqa: BLE001
+                log.exception("after manual run of target %s", target_id)
+            return result
+
+        future: Future[RunResult] = self.manual.submit(manual)
+        if not wait:
+            return None
+        try:
+            result = future.result(timeout=timeout)
+        except FutureTimeout:
+            raise WaitTimeout(target_id, timeout or 0) from None
+        return self.catalog.get_run(result.run_id)
+
+    # -- registration -------------------------------------------------------------
+
+    def register(self, *, host: str, port: int, user: str | None, path: str,
+                 every_minutes: int, keep: int = 10,
+                 host_key_fingerprint: str | None = None) -> Registration:
+        host = validation.host(host)
+        port = validation.port(port)
+        user = validation.user(user if user else self.default_user)
+        path = remote.validate_path(path)
+        every_minutes = validation.every_minutes(every_minutes)
+        keep = validation.keep(keep)
+        if host_key_fingerprint is not None:
+            host_key_fingerprint = validation.fingerprint(host_key_fingerprint)
+
+        existing_nodes = self.catalog.find_node(user, host, port)
+        if existing_nodes:
+            for t in self.catalog.list_targets(node_id=existing_nodes[0].id, path=path):
+                raise TargetExists(t.node.address, path, t.id)
+        node = self.catalog.ensure_node(user, host, port)
+        if host_key_fingerprint is not None:
+            if node.host_key_b64 is not None and node.host_key_fingerprint != \
+                    host_key_fingerprint:
+                raise HostKeyMismatch(node.address, node.host_key_fingerprint or "?",
+                                      host_key_fingerprint)
+            self.catalog.set_host_key_expected(node.id, host_key_fingerprint)
+
+        warnings: list[str] = []
+        reachable = True
+        try:
+            self.engine.check_path(NodeAddress(user, host, port), path)
+        except AuthFailed as exc:
+            warnings.append(f"{exc.message}; registered anyway, backups start once it works")
+        except NodeError as exc:
+            if not exc.node_unreachable:
+                self._forget_node_if_new(node, existing_nodes)
+                raise
+            reachable = False
+            self.catalog.node_unreachable(node.id, exc.message)
+            warnings.append(f"{exc.message}; registered anyway: backhaul probes the node "
+                            "and backs up as soon as it answers")
+
+        target = self.catalog.add_target(node.id, path, every_minutes, keep)
+        if reachable:
+            self.scheduler.add_target(target.id, every_minutes)
+        else:
+            first = self.clock() + dt.timedelta(seconds=every_minutes *
+                                                self.settings.minute_seconds)
+            self.scheduler.add_target(target.id, every_minutes, first_run_at=first)
+            self.catalog.record_failure(target.id, None)
+            self._ensure_probe(self.catalog.get_node(node.id))
+        log.info("registered target %s: %s %s every %d min, keep %d", target.id,
+                 node.address, path, every_minutes, keep)
+        return Registration(self.catalog.get_target(target.id), warnings)
+
+    def _forget_node_if_new(self, node: Node, existing: list[Node]) -> None:
+        if not existing:
+            self.catalog.delete_node_if_unused(node.id)
+
+    def unregister(self, target_id: int, *, purge: bool = False) -> tuple[Target, int]:
+        target = self.catalog.unregister_target(target_id)
+        self.scheduler.remove_target(target_id)
+        purged = 0
+        if purge:
+            retained = self.catalog.list_archives(target_id, retained_only=True)
+            for a in retained:
+                self.store.delete(a["file_name"])
+            self.catalog.mark_archives_deleted([a["id"] for a in retained])
+            purged = len(retained)
+        log.info("unregistered target %s (%s %s)%s", target_id, target.node.address,
+                 target.path, f", purged {purged} archives" if purge else "")
+        return target, purged
+
+    def trust_node(self, node_id: int, fingerprint: str | None) -> Node:
+        """Forget a node's pinned host key after a deliberate change; the next
+        contact pins the new one (or only ``fingerprint``, when given)."""
+        if fingerprint is not None:
+            fingerprint = validation.fingerprint(fingerprint)
+        node = self.catalog.get_node(node_id)
+        self.catalog.expect_host_key(node_id, fingerprint)
+        self.pool.discard(NodeAddress(node.user, node.host, node.port))
+        log.warning("host key of %s forgotten (was %s)%s", node.address,
+                    node.host_key_fingerprint,
+                    f"; only {fingerprint} will be accepted" if fingerprint else "")
+        for t in self.catalog.overdue_targets(node_id):
+            self.scheduler.submit_now("orchestrator.jobs:recover_target", [t.id],
+                                      f"recover:{t.id}")
+        return self.catalog.get_node(node_id)
+
+    def target_address(self, target: Target) -> NodeAddress:
+        return node_address(target)
+
+
+class WaitTimeout(BackhaulError):
+    code = "timeout"
+    http_status = 504
+
+    def __init__(self, target_id: int, seconds: float) -> None:
+        super().__init__(f"target {target_id} is still running after {seconds:g} s; "
+                         "see `backhaul history` for its outcome")
+
+
+class ServerError(BackhaulError):
+    code = "server_error"
+
+
+def _lock_data_dir(path: Path) -> int:
+    """One backhauld per data dir: APScheduler's job store supports one owner."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ServerError(f"another backhauld already uses {path.parent} "
+                          "(only one server may own a data dir)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _load_or_create_token(path: Path) -> str:
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            os.chmod(path, 0o600)
+            return token
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token

@@ -1,0 +1,170 @@
+"""Every server setting in one table: (name, default, help).
+
+Each setting is read from the flag ``--name-with-dashes``, else from the env
+var ``BACKHAUL_NAME``, else its default. The README's settings table is checked
+against this one by a test, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BACKHAUL_"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*(/s)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``50MiB``, ``20M``, ``1.5G``, ``0`` -> bytes (binary multiples)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 0, 500K, 50MiB, 1G)")
+    mult = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--listen wants HOST:PORT with a port 1-65535, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {text!r}")
+        return text
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    help: str
+    parse: Callable[[str], Any] = str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", "./backhaul-data",
+            "directory for the catalog, job store, archives, SSH key and API token",
+            lambda s: Path(s)),
+    Setting("listen", "127.0.0.1:7710", "HOST:PORT the HTTP/JSON API listens on", parse_listen),
+    Setting("workers", "8", "backups running at once, over all nodes", _positive_int),
+    Setting("per_node", "2", "backups running at once on one node", _positive_int),
+    Setting("retry_min", "15", "first retry delay after a failed run, in seconds",
+            _positive_float),
+    Setting("retry_max", "300", "longest retry/probe delay (exponential backoff cap), seconds",
+            _positive_float),
+    Setting("default_user", "", "SSH user when a target names none (empty: the user "
+            "running backhauld, as ssh does)"),
+    Setting("bwlimit", "0", "bandwidth cap shared by all transfers, e.g. 50MiB (0 = none)",
+            parse_size),
+    Setting("connect_timeout", "10", "seconds to connect, read the banner and authenticate",
+            _positive_float),
+    Setting("io_timeout", "60", "seconds without a byte from a node before a run fails "
+            "with `timeout`", _positive_float),
+    Setting("idle_timeout", "300", "seconds an unused SSH connection stays open",
+            _positive_float),
+    Setting("shutdown_grace", "30", "seconds in-flight runs get to finish on SIGTERM",
+            _positive_float),
+    Setting("minute_seconds", "60", "length of a schedule 'minute' in seconds (lower it "
+            "only to make tests and demos fast)", _positive_float),
+    Setting("log_format", "text", "log lines as `text` or `json`", _choice("text", "json")),
+    Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR",
+            _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class Settings:
+    """Resolved settings; attribute access by name (``settings.data_dir``)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> Settings:
+        unknown = set(changes) - set(_BY_NAME)
+        if unknown:
+            raise KeyError(f"unknown settings: {sorted(unknown)}")
+        return Settings({**self._values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None,
+             env: Mapping[str, str] | None = None) -> Settings:
+        """Flags win over env vars, env vars over defaults. Raises ``ValueError``
+        naming the setting on a bad value."""
+        env = os.environ if env is None else env
+        parser = build_parser()
+        args = vars(parser.parse_args(list(argv or [])))
+        values: dict[str, Any] = {}
+        for s in SETTINGS:
+            raw = args.get(s.name)
+            source = s.flag
+            if raw is None:
+                raw, source = env.get(s.env), s.env
+            if raw is None:
+                raw, source = s.default, "default"
+            try:
+                values[s.name] = s.parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
+        return cls(values)
+
+    @classmethod
+    def defaults(cls, **changes: Any) -> Settings:
+        return cls.load([], env={}).replace(**changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backhauld",
+        description="backhaul's backup server: schedules registered (node, path) targets, "
+                    "pulls tar.gz archives over SSH when the tree changed, keeps the newest "
+                    "and logs every run.",
+        epilog="Every flag can also be set with the env var BACKHAUL_<NAME> "
+               "(e.g. BACKHAUL_DATA_DIR).")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    for s in SETTINGS:
+        parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
+                            help=f"{s.help} (env {s.env}, default {s.default or 'empty'})")
+    return parser
