@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator import validation
 from orchestrator.errors import BackhaulError
 from orchestrator.server import Server, __version__
 from storage.catalog import Node, Target, format_address
@@ -170,6 +171,15 @@ def create_app(server: Server) -> FastAPI:
         return target_json(t, server.catalog.target_summaries([t.id]).get(t.id),
                            server.scheduler.next_runs().get(t.id))
 
+    def canonical_host(host: str | None) -> str | None:
+        """Filters compare with hosts as stored (lower-case names, compressed IPs)."""
+        if host is None:
+            return None
+        try:
+            return validation.host(host)
+        except BackhaulError:
+            return host
+
     def resolve_target(target_id: int) -> Target:
         return server.catalog.get_target(target_id)
 
@@ -202,7 +212,8 @@ def create_app(server: Server) -> FastAPI:
                      user: str | None = None, path: str | None = None,
                      all: bool = Query(False, description="include unregistered targets"),
                      ) -> dict[str, Any]:
-        targets = server.catalog.list_targets(active_only=not all, host=host, port=port,
+        targets = server.catalog.list_targets(active_only=not all, host=canonical_host(host),
+                                              port=port,
                                               user=user, path=path)
         summaries = server.catalog.target_summaries()
         next_runs = server.scheduler.next_runs()
@@ -240,7 +251,8 @@ def create_app(server: Server) -> FastAPI:
         target_ids = [target_id] if target_id is not None else None
         if target_ids is None and (host or port or user or path):
             target_ids = [t.id for t in server.catalog.list_targets(
-                active_only=False, host=host, port=port, user=user, path=path)]
+                active_only=False, host=canonical_host(host), port=port, user=user,
+                path=path)]
         rows = server.catalog.list_runs(target_ids=target_ids, status=status, limit=limit)
         return {"runs": [run_json(x) for x in rows]}
 

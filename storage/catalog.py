@@ -330,6 +330,16 @@ class Catalog:
             conn.execute(nodes.update().where(nodes.c.id == node_id).values(**values))
             return _node(_row(conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).one()))
 
+    def delete_node_if_unused(self, node_id: int) -> bool:
+        """Remove a node row no target ever used (a refused first registration)."""
+        with self._tx() as conn:
+            used = conn.execute(sa.select(targets.c.id).where(targets.c.node_id == node_id)
+                                .limit(1)).first()
+            if used is not None:
+                return False
+            conn.execute(nodes.delete().where(nodes.c.id == node_id))
+            return True
+
     # -- targets -----------------------------------------------------------
 
     def add_target(self, node_id: int, path: str, every_minutes: int, keep: int) -> Target:
@@ -467,10 +477,11 @@ class Catalog:
                          .values(failures=0, next_retry_at=None))
 
     def fail_run(self, run_id: int, code: str, message: str, *, bytes_transferred: int = 0,
-                 warnings: str | None = None) -> None:
+                 warnings: str | None = None, status: str = "failed") -> None:
+        assert status in ("failed", "interrupted")
         with self._tx() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
-                status="failed", finished_at=self.clock(), error_code=code, message=message,
+                status=status, finished_at=self.clock(), error_code=code, message=message,
                 bytes_transferred=bytes_transferred, warnings=warnings))
 
     def commit_archive(self, run_id: int, target_id: int, *, created_at: dt.datetime,
