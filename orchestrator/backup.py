@@ -81,13 +81,15 @@ class BackupEngine:
 
     def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
                  per_node: int = 2, stderr_limit: int = 64 * 1024,
-                 throttle: Callable[[int], None] | None = None) -> None:
+                 throttle: Callable[[int], None] | None = None,
+                 use_pigz: bool = True) -> None:
         self.catalog = catalog
         self.store = store
         self.pool = pool
         self.per_node = per_node
         self.stderr_limit = stderr_limit
         self.throttle = throttle
+        self.use_pigz = use_pigz
         self._lock = threading.Lock()
         self._running: set[int] = set()
         self._target_locks: dict[int, threading.Lock] = {}
@@ -172,7 +174,7 @@ class BackupEngine:
             self.catalog.finish_unchanged(run_id, target.id, fingerprint, wire.total())
             return RunResult(run_id, target.id, "unchanged", wire.total())
 
-        pigz = conn.has_pigz()
+        pigz = self.use_pigz and conn.has_pigz()
         node_dir = node_dir_name(target.node.user, target.node.host, target.node.port)
         created_at = self.catalog.clock()
         with self.store.writer(node_dir, target.id, run_id, created_at) as writer:

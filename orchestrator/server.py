@@ -72,7 +72,8 @@ class Server:
         bucket = TokenBucket(settings.bwlimit) if settings.bwlimit else None
         self.engine = BackupEngine(self.catalog, self.store, self.pool,
                                    per_node=settings.per_node,
-                                   throttle=bucket.take if bucket else None)
+                                   throttle=bucket.take if bucket else None,
+                                   use_pigz=settings.compressor == "auto")
         self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
                                    minute_seconds=settings.minute_seconds)
         self.manual = ThreadPoolExecutor(max_workers=settings.workers,

@@ -89,6 +89,8 @@ SETTINGS: tuple[Setting, ...] = (
             "running backhauld, as ssh does)"),
     Setting("bwlimit", "0", "bandwidth cap shared by all transfers, e.g. 50MiB (0 = none)",
             parse_size),
+    Setting("compressor", "auto", "`auto`: pigz on nodes that have it (detected once per "
+            "connection), else gzip; `gzip`: always gzip", _choice("auto", "gzip")),
     Setting("connect_timeout", "10", "seconds to connect, read the banner and authenticate",
             _positive_float),
     Setting("io_timeout", "60", "seconds without a byte from a node before a run fails "

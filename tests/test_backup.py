@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -405,3 +406,20 @@ def test_storage_error_fails_the_run_and_keeps_old_archives(eng: Engine, node: S
         tdir.chmod(0o700)
     assert result.error_code == "storage_error"
     assert len(eng.archive_files()) == 1
+
+
+@pytest.mark.parametrize("use_pigz", [True, False])
+def test_pigz_and_gzip_archives_are_both_standard(eng: Engine, node: SSHD, tmp_path: Path,
+                                                  use_pigz: bool) -> None:
+    if use_pigz and not shutil.which("pigz"):
+        pytest.skip("pigz is not installed on this node")
+    eng.engine.use_pigz = use_pigz
+    src = make_tree(tmp_path / "app")
+    target = eng.register(node, src)
+    result = eng.engine.run(target.id)
+    assert result.status == "success", result.message
+    conn = eng.pool.connection(address(node))
+    assert conn.has_pigz() is bool(shutil.which("pigz"))
+    file = eng.archive_files()[0]
+    subprocess.run(["gzip", "-t", str(file)], check=True)
+    assert snapshot(extract(file, tmp_path / "out") / "app") == snapshot(src)
