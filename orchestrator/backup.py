@@ -8,6 +8,7 @@ records the run and the new fingerprint; rotation runs only after that commit.
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from storage.archives import ArchiveStore, node_dir_name, rotate
 from storage.catalog import Catalog, Target
 from storage.errors import StorageError
+from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +179,22 @@ class BackupEngine:
         pigz = self.use_pigz and conn.has_pigz()
         node_dir = node_dir_name(target.node.user, target.node.host, target.node.port)
         created_at = self.catalog.clock()
+        verifier = TarGzVerifier(posixpath.basename(target.path))
         with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
-            sink = writer.write if self.throttle is None else _throttled(writer.write,
-                                                                         self.throttle)
+
+            def sink(data: bytes) -> None:
+                if self.throttle is not None:
+                    self.throttle(len(data))
+                verifier.feed(data)
+                writer.write(data)
+
             res = wire.add(conn.exec(remote.tar_command(target.path, pigz=pigz), sink=sink,
                                      what="tar", stderr_limit=self.stderr_limit))
             _check_status(res.exit_status, res.stderr_text, address, target.path, "tar",
                           ok=(0, TAR_WARNINGS_EXIT))
             if res.stdout_bytes == 0:
                 raise RemoteCommandFailed(address, "tar", res.exit_status, "empty stream")
+            verifier.finish()  # a stream cut short or escaping its root is never kept
             facts = writer.commit()
         warnings = res.stderr_text.strip() or None
         try:
@@ -267,14 +276,6 @@ class _Payload:
 
     def total(self) -> int:
         return self._total
-
-
-def _throttled(write: Callable[[bytes], None],
-               throttle: Callable[[int], None]) -> Callable[[bytes], None]:
-    def sink(data: bytes) -> None:
-        throttle(len(data))
-        write(data)
-    return sink
 
 
 def _with_duration(r: RunResult, seconds: float) -> RunResult:

@@ -45,3 +45,9 @@ class ArchiveWriteError(StorageError):
     """Writing an archive into the store failed (disk full, permissions...)."""
 
     code = "storage_error"
+
+
+class InvalidArchive(StorageError):
+    """The stream a node sent is not a complete, safe tar.gz of the target."""
+
+    code = "invalid_archive"

@@ -1,0 +1,199 @@
+"""Streaming verification of a tar.gz archive while it is received.
+
+A node is trusted to run tar, not to send a well-formed or harmless archive.
+Every byte of the stream is fed here on its way to disk: the gzip layer must
+decompress cleanly to its end, and every tar member name must stay inside the
+one top-level directory that was asked for (no absolute names, no ``..``).
+A stream that is not gzip, is cut short, or escapes its root is refused, so
+nothing that could not be restored safely is ever listed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import zlib
+
+from storage.errors import InvalidArchive
+
+BLOCK = 512
+_NO_DATA = frozenset("123456")
+
+
+class TarGzVerifier:
+    """Feed it the compressed stream with ``feed``; ``finish`` raises
+    ``InvalidArchive`` unless it was one complete, well-formed archive whose
+    members all live under ``root``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._z = zlib.decompressobj(wbits=31)  # gzip framing
+        self._buf = bytearray()
+        self._skip = 0  # bytes of member data (padded) still to skip
+        self._long_name: str | None = None
+        self._pax_path: str | None = None
+        self._pax_size: int | None = None
+        self._pending_special: str | None = None  # 'L' or 'x' payload being read
+        self._special = bytearray()
+        self._special_left = 0
+        self.members = 0
+        self.end_seen = False
+        self.raw_bytes = 0
+
+    # -- gzip layer ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        try:
+            out = self._z.decompress(data)
+            while self._z.eof and self._z.unused_data:
+                # pigz and cat'ed streams may carry several gzip members.
+                rest = self._z.unused_data
+                self._z = zlib.decompressobj(wbits=31)
+                out += self._z.decompress(rest)
+        except zlib.error as exc:
+            raise InvalidArchive(f"the stream is not valid gzip: {exc}") from None
+        if out:
+            self.raw_bytes += len(out)
+            self._tar(out)
+
+    def finish(self) -> None:
+        try:
+            tail = self._z.flush()
+        except zlib.error as exc:
+            raise InvalidArchive(f"the gzip stream is corrupt at its end: {exc}") from None
+        if tail:
+            self._tar(tail)
+        if not self._z.eof:
+            raise InvalidArchive("the gzip stream is truncated (no end of stream)")
+        if not self.end_seen:
+            raise InvalidArchive("the tar archive is truncated (no end-of-archive marker)")
+        if self.members == 0:
+            raise InvalidArchive("the archive holds no files")
+
+    # -- tar layer ----------------------------------------------------------------
+
+    def _tar(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.end_seen:
+                return  # zero padding after the end marker
+            if self._skip:
+                n = min(self._skip, len(view))
+                if self._pending_special is not None and self._special_left:
+                    take = min(n, self._special_left)
+                    self._special += view[:take]
+                    self._special_left -= take
+                self._skip -= n
+                view = view[n:]
+                if not self._skip and self._pending_special is not None:
+                    self._close_special()
+                continue
+            need = BLOCK - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
+            if len(self._buf) == BLOCK:
+                header, self._buf = bytes(self._buf), bytearray()
+                self._header(header)
+
+    def _header(self, h: bytes) -> None:
+        if h == b"\0" * BLOCK:
+            self.end_seen = True
+            return
+        if not _checksum_ok(h):
+            raise InvalidArchive("the tar stream has a corrupt header")
+        size = _number(h[124:136])
+        kind = chr(h[156]) if h[156] else "0"
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if kind in ("L", "x", "K", "g"):
+            # GNU long name/link, pax per-file or global header: read its payload.
+            self._pending_special = kind
+            self._special = bytearray()
+            self._special_left = size
+            self._skip = padded
+            if padded == 0:
+                self._close_special()
+            return
+        name = self._long_name or self._pax_path or _ustar_name(h)
+        if self._pax_size is not None:
+            size = self._pax_size
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        self._long_name = self._pax_path = self._pax_size = None
+        self._check_name(name)
+        self.members += 1
+        # As tarfile reads it: links, directories and devices carry no data.
+        self._skip = 0 if kind in _NO_DATA else padded
+
+    def _close_special(self) -> None:
+        kind, payload = self._pending_special, bytes(self._special)
+        self._pending_special = None
+        if kind == "L":
+            self._long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind == "x":
+            self._pax_path = _pax_field(payload, b"path")
+            size = _pax_field(payload, b"size")
+            if size is not None:
+                if not size.isdigit():
+                    raise InvalidArchive("the tar stream has a corrupt pax size")
+                self._pax_size = int(size)
+
+    def _check_name(self, name: str) -> None:
+        if not name:
+            raise InvalidArchive("the archive holds a member with an empty name")
+        if name.startswith("/"):
+            raise InvalidArchive(f"the archive holds an absolute member name {name[:200]!r}")
+        parts = name.split("/")
+        if ".." in parts:
+            raise InvalidArchive(f"the archive holds a member escaping its root {name[:200]!r}")
+        top = posixpath.normpath(name).split("/", 1)[0]
+        if top != self.root:
+            raise InvalidArchive(f"the archive holds {name[:200]!r}, outside {self.root!r}")
+
+
+def _ustar_name(h: bytes) -> str:
+    name = h[0:100].split(b"\0", 1)[0]
+    if h[257:262] == b"ustar":
+        prefix = h[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        value = int.from_bytes(field[1:], "big")
+        return value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise InvalidArchive("the tar stream has a corrupt size field") from None
+
+
+def _checksum_ok(h: bytes) -> bool:
+    try:
+        stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return False
+    unsigned = sum(h[:148]) + 8 * 32 + sum(h[156:])
+    return stored == unsigned
+
+
+def _pax_field(payload: bytes, key: bytes) -> str | None:
+    """Value of ``key`` in a pax extended header (records ``"<len> key=value\\n"``)."""
+    pos = 0
+    found = None
+    while pos < len(payload):
+        space = payload.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(payload[pos:space])
+        except ValueError:
+            raise InvalidArchive("the tar stream has a corrupt pax header") from None
+        if length <= 0:
+            raise InvalidArchive("the tar stream has a corrupt pax header")
+        record = payload[space + 1: pos + length - 1]
+        k, _, v = record.partition(b"=")
+        if k == key:
+            found = v.decode("utf-8", "surrogateescape")
+        pos += length
+    return found
