@@ -247,8 +247,11 @@ class Client:
     def health(self) -> JSONDict:
         return self._json("GET", "/health")
 
-    def get_pubkey(self, restricted: bool = False) -> JSONDict:
-        return self._json("GET", "/api/v1/pubkey", {"restricted": restricted or None})
+    def get_pubkey(self, restricted: bool = False, address: Address | None = None) -> JSONDict:
+        query: dict[str, Any] = {"restricted": restricted or None}
+        if address is not None:
+            query.update(host=address.host, port=address.port, user=address.user)
+        return self._json("GET", "/api/v1/pubkey", query)
 
     def list_nodes(self) -> JSONDict:
         return self._json("GET", "/api/v1/nodes")

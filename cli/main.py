@@ -523,16 +523,20 @@ def download(state: State, archive_id: int, output_path: str | None) -> None:
 
 
 @main.command()
+@click.argument("address", type=ADDRESS, metavar=f"[{ADDRESS_METAVAR}]", required=False)
 @click.option(
     "--restricted",
     is_flag=True,
-    help="The line with options restricting the key to backhaul's commands.",
+    help="The line with options restricting the key: with a node ADDRESS, to "
+    "backhaul's own commands on that node's registered paths.",
 )
 @json_option
 @click.pass_obj
-def pubkey(state: State, restricted: bool) -> None:
+def pubkey(state: State, address: Address | None, restricted: bool) -> None:
     """The server's SSH public key, as a line for the node's authorized_keys."""
-    answer = state.client().get_pubkey(restricted=restricted)
+    if address is not None and not restricted:
+        raise click.UsageError("a node ADDRESS only makes sense with --restricted")
+    answer = state.client().get_pubkey(restricted=restricted, address=address)
     if state.json:
         _emit_json(answer)
     else:

@@ -184,10 +184,11 @@ def create_app(server: Server) -> FastAPI:
         return server.catalog.get_target(target_id)
 
     @r.get("/pubkey", summary="the server's SSH public key")
-    def pubkey(restricted: bool = False) -> dict[str, Any]:
-        line = server.key.public_line
-        if restricted:
-            line = "restrict " + line
+    def pubkey(restricted: bool = False, host: str | None = None,
+               port: int = Query(22, ge=1, le=65535), user: str | None = None,
+               ) -> dict[str, Any]:
+        line = server.authorized_keys_line(restricted=restricted, host=host, port=port,
+                                           user=user)
         return {"public_key": server.key.public_line, "fingerprint": server.key.fingerprint,
                 "authorized_keys_line": line}
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from orchestrator import remote
 from orchestrator.errors import (
     BackhaulError,
+    CommandRefused,
     HostKeyMismatch,
     NodeError,
     PathNotFound,
@@ -251,6 +252,8 @@ def _check_status(status: int, stderr: str, address: str, path: str, what: str,
                   ok: tuple[int, ...]) -> None:
     if status in ok:
         return
+    if status == remote.EXIT_REFUSED and remote.REFUSED_MARK in stderr:
+        raise CommandRefused(address, path)
     if status == remote.EXIT_NO_SUCH_PATH:
         raise PathNotFound(address, path)
     if status == remote.EXIT_NOT_READABLE or "Permission denied" in stderr:

@@ -148,6 +148,17 @@ class PermissionDenied(NodeError):
                          f"{': ' + detail if detail else ''}")
 
 
+class CommandRefused(NodeError):
+    code = "command_refused"
+    http_status = 422
+
+    def __init__(self, address: str, path: str) -> None:
+        super().__init__(
+            f"{address} refused to run backhaul's command for {path}: its key is restricted "
+            f"to other paths; put the line from `backhaul pubkey --restricted {address}` in "
+            "the node's authorized_keys")
+
+
 class RemoteCommandFailed(NodeError):
     code = "remote_command_failed"
 

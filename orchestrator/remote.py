@@ -7,15 +7,20 @@ commands need only POSIX sh, GNU find/tar, coreutils and gzip on the node.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 import shlex
+from collections.abc import Iterable
 
 from orchestrator.errors import InvalidPath
 
 # Exit statuses of our own pre-checks, chosen outside tar's 0/1/2 and find's 0/1.
 EXIT_NO_SUCH_PATH = 66
 EXIT_NOT_READABLE = 77
+
+EXIT_REFUSED = 126
+REFUSED_MARK = "backhaul: command refused by the restricted key"
 
 MAX_PATH = 4096
 
@@ -98,3 +103,26 @@ def tar_command(path: str, *, pigz: bool = False) -> str:
 
 def probe_command() -> str:
     return "echo backhaul-ok"
+
+
+def allowed_commands(paths: Iterable[str]) -> list[str]:
+    """Every command backhaul sends to a node that backs up ``paths``."""
+    out = [probe_command(), has_pigz_command()]
+    for p in sorted(set(paths)):
+        out += [fingerprint_command(p), tar_command(p, pigz=False), tar_command(p, pigz=True)]
+    return out
+
+
+def restricted_key_line(public_line: str, paths: Iterable[str]) -> str:
+    """An authorized_keys line that lets the key run only backhaul's own
+    commands on ``paths``: the node's shell hashes the requested command and
+    runs it only when the hash is on the list (exact match, no parsing)."""
+    hashes = "|".join(hashlib.sha256(c.encode()).hexdigest() for c in allowed_commands(paths))
+    guard = (
+        "h=$(printf '%s' \"$SSH_ORIGINAL_COMMAND\" | sha256sum); "
+        f"case \"${{h%% *}}\" in {hashes}) exec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\";; "
+        f"*) echo '{REFUSED_MARK}' >&2; exit {EXIT_REFUSED};; esac"
+    )
+    # authorized_keys takes a double quote inside command="..." as \"
+    guard = guard.replace('"', '\\"')
+    return f'restrict,command="{guard}" {public_line}'

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import jobs, remote, validation
-from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult, node_address
+from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult
 from orchestrator.errors import (
     AuthFailed,
     BackhaulError,
+    CommandRefused,
     HostKeyMismatch,
     NodeError,
     RunInProgress,
@@ -340,7 +341,7 @@ class Server:
         reachable = True
         try:
             self.engine.check_path(NodeAddress(user, host, port), path)
-        except AuthFailed as exc:
+        except (AuthFailed, CommandRefused) as exc:
             warnings.append(f"{exc.message}; registered anyway, backups start once it works")
         except NodeError as exc:
             if not exc.node_unreachable:
@@ -398,8 +399,20 @@ class Server:
                                       f"recover:{t.id}")
         return self.catalog.get_node(node_id)
 
-    def target_address(self, target: Target) -> NodeAddress:
-        return node_address(target)
+    def authorized_keys_line(self, *, restricted: bool, host: str | None = None,
+                             port: int = 22, user: str | None = None) -> str:
+        """The line a node's authorized_keys should hold. Restricted to a node,
+        the key may run only backhaul's commands on that node's active paths."""
+        line = self.key.public_line
+        if not restricted:
+            return line
+        if host is None:
+            return "restrict " + line
+        matches = self.catalog.find_node(user, validation.host(host), validation.port(port))
+        if not matches:
+            raise NotFound("node", f"{user + '@' if user else ''}{host}:{port}")
+        paths = [t.path for n in matches for t in self.catalog.list_targets(node_id=n.id)]
+        return remote.restricted_key_line(line, paths)
 
 
 class WaitTimeout(BackhaulError):
