@@ -102,6 +102,9 @@ def run_json(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": r["id"], "target_id": r["target_id"],
         "address": format_address(r["user"], r["host"], r["port"]), "path": r["path"],
+        "scheduled_at": iso(r["scheduled_at"]),
+        "start_delay_seconds": round((started - r["scheduled_at"]).total_seconds(), 3)
+        if r["scheduled_at"] else None,
         "started_at": iso(started), "finished_at": iso(finished), "status": r["status"],
         "trigger": r["trigger"], "bytes_transferred": r["bytes_transferred"],
         "archive_id": r["archive_id"], "error_code": r["error_code"], "message": r["message"],

@@ -7,6 +7,7 @@ records the run and the new fingerprint; rotation runs only after that commit.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import posixpath
 import threading
@@ -118,7 +119,7 @@ class BackupEngine:
             return self._target_locks.setdefault(target_id, threading.Lock())
 
     def run(self, target_id: int, trigger: str = "schedule", *,
-            queue: bool = False) -> RunResult:
+            queue: bool = False, scheduled_at: dt.datetime | None = None) -> RunResult:
         """Back up one target now. When it already runs: raise ``RunInProgress``,
         or with ``queue`` wait for that run to end and then run again (a user
         who asks for a backup now wants one that starts after the request)."""
@@ -131,15 +132,16 @@ class BackupEngine:
             target = self.catalog.get_target(target_id)
             node = node_address(target)
             with self._node_slot(node):
-                return self._run(target, node, trigger)
+                return self._run(target, node, trigger, scheduled_at)
         finally:
             with self._lock:
                 self._running.discard(target_id)
             lock.release()
 
-    def _run(self, target: Target, node: NodeAddress, trigger: str) -> RunResult:
+    def _run(self, target: Target, node: NodeAddress, trigger: str,
+             scheduled_at: dt.datetime | None) -> RunResult:
         started = time.monotonic()
-        run_id = self.catalog.start_run(target.id, trigger)
+        run_id = self.catalog.start_run(target.id, trigger, scheduled_at)
         wire = _Payload()
         try:
             with self.pool.session(node) as conn:

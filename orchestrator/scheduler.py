@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -53,12 +55,26 @@ class Scheduler:
         self.engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
         event.listen(self.engine, "connect", _wal)
         self.store = SQLAlchemyJobStore(engine=self.engine, tablename=TABLE)
+        self._submitted: dict[str, dt.datetime] = {}
+        self._submitted_lock = threading.Lock()
         self.aps = BackgroundScheduler(
             jobstores={"default": self.store},
             executors={"default": ThreadPoolExecutor(workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=dt.UTC,
         )
+        self.aps.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
+
+    def _on_submitted(self, event: JobSubmissionEvent) -> None:
+        if event.scheduled_run_times:
+            with self._submitted_lock:
+                self._submitted[event.job_id] = event.scheduled_run_times[-1]
+
+    def scheduled_time(self, job_id: str) -> dt.datetime | None:
+        """When the run just handed to a worker was due (coalesced: the latest
+        missed time). Read once by the job itself."""
+        with self._submitted_lock:
+            return self._submitted.pop(job_id, None)
 
     # -- lifecycle ------------------------------------------------------------
 

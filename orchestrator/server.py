@@ -63,7 +63,8 @@ class Server:
         os.chmod(self.data_dir, 0o700)
         self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock")
         self.token = _load_or_create_token(self.data_dir / "api-token")
-        self.catalog = Catalog(self.data_dir / "catalog.db", clock=clock)
+        self.catalog = Catalog(self.data_dir / "catalog.db", clock=clock,
+                               busy_timeout=settings.db_busy_timeout)
         self.store = ArchiveStore(self.data_dir / "archives")
         self.key = ServerKey(self.data_dir / "ssh" / "id_ed25519",
                              comment=f"backhaul@{os.uname().nodename}")
@@ -190,8 +191,11 @@ class Server:
                 self.catalog.record_failure(target_id, None)
                 self._ensure_probe(target.node)
                 return None
+            job_id = {"schedule": "target", "retry": "retry",
+                      "recovery": "recover"}[trigger] + f":{target_id}"
             try:
-                result = self.engine.run(target_id, trigger)
+                result = self.engine.run(target_id, trigger,
+                                         scheduled_at=self.scheduler.scheduled_time(job_id))
             except RunInProgress:
                 log.info("target %s: %s run skipped, a run is in progress", target_id, trigger)
                 return None

@@ -97,6 +97,8 @@ SETTINGS: tuple[Setting, ...] = (
             "with `timeout`", _positive_float),
     Setting("idle_timeout", "300", "seconds an unused SSH connection stays open",
             _positive_float),
+    Setting("db_busy_timeout", "30", "seconds a catalog write waits for a lock held by "
+            "another process before the run fails (and is retried)", _positive_float),
     Setting("shutdown_grace", "30", "seconds in-flight runs get to finish on SIGTERM",
             _positive_float),
     Setting("minute_seconds", "60", "length of a schedule 'minute' in seconds (lower it "

@@ -220,6 +220,16 @@ class Connection:
         with contextlib.suppress(Exception):
             self.transport.close()
 
+    def responsive(self, timeout: float = 5.0) -> bool:
+        """Whether the peer still answers a channel open within ``timeout``."""
+        try:
+            chan = self.transport.open_session(timeout=min(timeout, self.io_timeout))
+        except Exception:  # noqa: BLE001 - any failure means: do not reuse
+            return False
+        with contextlib.suppress(Exception):
+            chan.close()
+        return True
+
     def has_pigz(self) -> bool:
         """Detected once per connection (so re-detected after a reconnect)."""
         if self._pigz is None:
@@ -350,8 +360,11 @@ class SSHPool:
         conn = self.connection(node)
         try:
             yield conn
-        except NodeError:
-            if not conn.alive:
+        except NodeError as exc:
+            # A command that timed out may sit on a hung connection (a frozen
+            # peer): keep the connection only if it still opens a channel.
+            if not conn.alive or (isinstance(exc, (Timeout, StreamIncomplete))
+                                  and not conn.responsive()):
                 self.discard(node, conn)
             raise
 

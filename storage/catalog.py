@@ -110,6 +110,9 @@ runs = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("target_id", sa.Integer, sa.ForeignKey("targets.id"), nullable=False, index=True),
+    # When the scheduler meant the run to start (NULL for manual runs); the
+    # difference to started_at is the scheduler's start delay.
+    sa.Column("scheduled_at", UTCDateTime),
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime),
     sa.Column("status", sa.String(16), nullable=False),
@@ -461,10 +464,12 @@ class Catalog:
 
     # -- runs --------------------------------------------------------------
 
-    def start_run(self, target_id: int, trigger: str) -> int:
+    def start_run(self, target_id: int, trigger: str,
+                  scheduled_at: dt.datetime | None = None) -> int:
         with self._tx() as conn:
             return conn.execute(runs.insert().values(
-                target_id=target_id, started_at=self.clock(), status="running",
+                target_id=target_id, started_at=self.clock(), scheduled_at=scheduled_at,
+                status="running",
                 trigger=trigger, bytes_transferred=0)).inserted_primary_key[0]
 
     def finish_unchanged(self, run_id: int, target_id: int, fingerprint: str,
