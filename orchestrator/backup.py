@@ -84,7 +84,7 @@ class BackupEngine:
     at most ``per_node`` runs per node."""
 
     def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
-                 per_node: int = 2, stderr_limit: int = 64 * 1024,
+                 per_node: int = 2, max_runs: int = 8, stderr_limit: int = 64 * 1024,
                  throttle: Callable[[int], None] | None = None,
                  use_pigz: bool = True) -> None:
         self.catalog = catalog
@@ -94,6 +94,8 @@ class BackupEngine:
         self.stderr_limit = stderr_limit
         self.throttle = throttle
         self.use_pigz = use_pigz
+        # Scheduled and manual runs together: the global concurrency bound.
+        self._run_slots = threading.BoundedSemaphore(max_runs)
         self._lock = threading.Lock()
         self._running: set[int] = set()
         self._target_locks: dict[int, threading.Lock] = {}
@@ -131,7 +133,7 @@ class BackupEngine:
                 self._running.add(target_id)
             target = self.catalog.get_target(target_id)
             node = node_address(target)
-            with self._node_slot(node):
+            with self._run_slots, self._node_slot(node):
                 return self._run(target, node, trigger, scheduled_at)
         finally:
             with self._lock:

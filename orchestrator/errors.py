@@ -64,7 +64,7 @@ class RunInProgress(BackhaulError):
 
 
 class NodeError(BackhaulError):
-    """Something went wrong talking to a node. ``reachability`` says whether
+    """Something went wrong talking to a node. ``node_unreachable`` says whether
     the failure means the node itself cannot be reached (probe it) or only
     this run failed (retry the target)."""
 
@@ -166,10 +166,3 @@ class RemoteCommandFailed(NodeError):
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
         super().__init__(f"{what} on {address} exited with status {exit_status}: {tail}")
         self.exit_status = exit_status
-
-
-class StorageFailed(BackhaulError):
-    code = "storage_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)

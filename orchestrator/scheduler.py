@@ -16,11 +16,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -55,26 +55,30 @@ class Scheduler:
         self.engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
         event.listen(self.engine, "connect", _wal)
         self.store = SQLAlchemyJobStore(engine=self.engine, tablename=TABLE)
-        self._submitted: dict[str, dt.datetime] = {}
-        self._submitted_lock = threading.Lock()
+        self._due: dict[str, deque[dt.datetime]] = {}
+        self._due_lock = threading.Lock()
         self.aps = BackgroundScheduler(
             jobstores={"default": self.store},
-            executors={"default": ThreadPoolExecutor(workers)},
+            executors={"default": _RecordingExecutor(workers, self._submitted)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=dt.UTC,
         )
-        self.aps.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
 
-    def _on_submitted(self, event: JobSubmissionEvent) -> None:
-        if event.scheduled_run_times:
-            with self._submitted_lock:
-                self._submitted[event.job_id] = event.scheduled_run_times[-1]
+    def _submitted(self, job_id: str, due: dt.datetime) -> None:
+        with self._due_lock:
+            self._due.setdefault(job_id, deque()).append(due)
 
     def scheduled_time(self, job_id: str) -> dt.datetime | None:
         """When the run just handed to a worker was due (coalesced: the latest
-        missed time). Read once by the job itself."""
-        with self._submitted_lock:
-            return self._submitted.pop(job_id, None)
+        missed time). Each job instance reads its own once, first thing."""
+        with self._due_lock:
+            queue = self._due.get(job_id)
+            if not queue:
+                return None
+            due = queue.popleft()
+            if not queue:
+                del self._due[job_id]
+            return due
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -97,9 +101,12 @@ class Scheduler:
     def add_target(self, target_id: int, every_minutes: int,
                    first_run_at: dt.datetime | None = None) -> None:
         """A new interval job; its first run is at ``first_run_at`` (default: now)."""
+        # Two instances: a run due while the previous one still goes on must
+        # reach the server (which queues it behind that run) instead of being
+        # dropped by APScheduler; the server never lets two overlap.
         self.aps.add_job(RUN_TARGET, trigger=self.interval(every_minutes), args=[target_id],
                          id=target_job(target_id), name=f"backup target {target_id}",
-                         replace_existing=True,
+                         replace_existing=True, max_instances=2,
                          next_run_time=first_run_at or dt.datetime.now(dt.UTC))
 
     def remove_target(self, target_id: int) -> None:
@@ -176,6 +183,19 @@ class Scheduler:
             self.aps.remove_job(job_id)
         except JobLookupError:
             pass
+
+
+class _RecordingExecutor(ThreadPoolExecutor):
+    """Notes each job's due time before a worker can start it, so the job can
+    record its start delay (APScheduler does not pass the time to the job)."""
+
+    def __init__(self, workers: int, on_submit: Any) -> None:
+        super().__init__(workers)
+        self._on_submit = on_submit
+
+    def _do_submit_job(self, job: Any, run_times: list[dt.datetime]) -> None:
+        self._on_submit(job.id, run_times[-1])
+        super()._do_submit_job(job, run_times)
 
 
 def _wal(dbapi_conn: Any, _record: Any) -> None:

@@ -31,7 +31,6 @@ from orchestrator.errors import (
     CommandRefused,
     HostKeyMismatch,
     NodeError,
-    RunInProgress,
 )
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
@@ -73,7 +72,7 @@ class Server:
                             io_timeout=settings.io_timeout, idle_timeout=settings.idle_timeout)
         bucket = TokenBucket(settings.bwlimit) if settings.bwlimit else None
         self.engine = BackupEngine(self.catalog, self.store, self.pool,
-                                   per_node=settings.per_node,
+                                   per_node=settings.per_node, max_runs=settings.workers,
                                    throttle=bucket.take if bucket else None,
                                    use_pigz=settings.compressor == "auto")
         self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
@@ -84,6 +83,9 @@ class Server:
         self._stopping = threading.Event()
         self._janitor: threading.Thread | None = None
         self._probe_lock = threading.Lock()
+        self._inflight_lock = threading.Lock()
+        self._inflight: set[int] = set()  # targets whose scheduled job runs now
+        self._due_again: dict[int, tuple[str, dt.datetime | None]] = {}
         self._probing: set[int] = set()  # nodes whose probe runs right now
         self.started = False
 
@@ -193,14 +195,30 @@ class Server:
                 return None
             job_id = {"schedule": "target", "retry": "retry",
                       "recovery": "recover"}[trigger] + f":{target_id}"
+            due = self.scheduler.scheduled_time(job_id)
+            with self._inflight_lock:
+                if target_id in self._inflight:
+                    # Due while its previous run still goes on: that run repeats
+                    # at once when done (late rather than lost, never overlapping).
+                    self._due_again[target_id] = (trigger, due)
+                    return None
+                self._inflight.add(target_id)
             try:
-                result = self.engine.run(target_id, trigger,
-                                         scheduled_at=self.scheduler.scheduled_time(job_id))
-            except RunInProgress:
-                log.info("target %s: %s run skipped, a run is in progress", target_id, trigger)
-                return None
-            self.after_run(target, result)
-            return result
+                while True:
+                    result = self.engine.run(target_id, trigger, queue=True, scheduled_at=due)
+                    self.after_run(target, result)
+                    with self._inflight_lock:
+                        again = self._due_again.pop(target_id, None)
+                        if again is None or self._stopping.is_set():
+                            self._inflight.discard(target_id)
+                            return result
+                    trigger, due = again
+                    target = self.catalog.get_target(target_id)
+                    if not target.active:
+                        return result
+            finally:
+                with self._inflight_lock:
+                    self._inflight.discard(target_id)
         except StorageError as exc:
             log.error("target %s: catalog unavailable: %s; retrying", target_id, exc.message)
             self._retry_later(target_id, 1, None)
@@ -357,6 +375,8 @@ class Server:
                             "and backs up as soon as it answers")
 
         target = self.catalog.add_target(node.id, path, every_minutes, keep)
+        if reachable and not warnings:
+            self.catalog.node_reachable(node.id)
         if reachable:
             self.scheduler.add_target(target.id, every_minutes)
         else:
@@ -379,9 +399,9 @@ class Server:
         purged = 0
         if purge:
             retained = self.catalog.list_archives(target_id, retained_only=True)
+            self.catalog.mark_archives_deleted([a["id"] for a in retained])
             for a in retained:
                 self.store.delete(a["file_name"])
-            self.catalog.mark_archives_deleted([a["id"] for a in retained])
             purged = len(retained)
         log.info("unregistered target %s (%s %s)%s", target_id, target.node.address,
                  target.path, f", purged {purged} archives" if purge else "")
@@ -417,6 +437,14 @@ class Server:
             raise NotFound("node", f"{user + '@' if user else ''}{host}:{port}")
         paths = [t.path for n in matches for t in self.catalog.list_targets(node_id=n.id)]
         return remote.restricted_key_line(line, paths)
+
+
+class TargetInactive(BackhaulError):
+    code = "target_unregistered"
+    http_status = 409
+
+    def __init__(self, target_id: int) -> None:
+        super().__init__(f"target {target_id} is unregistered; register it again to back it up")
 
 
 class WaitTimeout(BackhaulError):

@@ -169,9 +169,11 @@ def rotate(catalog: Catalog, store: ArchiveStore, target_id: int, keep: int) -> 
         raise ValueError("keep must be >= 1")
     retained = catalog.list_archives(target_id, retained_only=True)  # newest first
     doomed = retained[keep:]
+    # Unlist first, then delete: a crash in between leaves an unlisted file,
+    # which the start-up sweep removes, never a listed archive without a file.
+    catalog.mark_archives_deleted([a["id"] for a in doomed])
     for arch in doomed:
         store.delete(arch["file_name"])
-    catalog.mark_archives_deleted([a["id"] for a in doomed])
     return [a["id"] for a in doomed]
 
 
