@@ -373,15 +373,6 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
         answer = client.runs(limit=limit)
     elif path is None:
         answer = client.runs(host=address.host, port=address.port, user=address.user, limit=limit)
-        if address.user:
-            # The runs route documents no user filter: make sure of it here.
-            prefix = f"{address.user}@"
-            answer = {
-                **answer,
-                "runs": [
-                    r for r in answer.get("runs") or [] if str(r.get("address")).startswith(prefix)
-                ],
-            }
     else:
         target = client.resolve(address, path)
         answer = client.runs(target_id=target["id"], limit=limit)
