@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -26,6 +27,11 @@ from storage.errors import NotFound, StorageError, TargetExists
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
+
+MAX_ID = 2**63 - 1  # SQL BIGINT: larger ids cannot exist
+Id = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+OptId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
+OptPort = Annotated[int | None, Query(ge=1, le=65535)]
 
 
 class RegisterBody(BaseModel):
@@ -183,7 +189,7 @@ def create_app(server: Server) -> FastAPI:
         except BackhaulError:
             return host
 
-    def resolve_target(target_id: int) -> Target:
+    def resolve_target(target_id: Id) -> Target:
         return server.catalog.get_target(target_id)
 
     @r.get("/pubkey", summary="the server's SSH public key")
@@ -200,7 +206,7 @@ def create_app(server: Server) -> FastAPI:
         return {"nodes": [node_json(n) for n in server.catalog.list_nodes()]}
 
     @r.post("/nodes/{node_id}/trust", summary="forget a node's pinned host key")
-    def trust(node_id: int, body: TrustBody | None = None) -> dict[str, Any]:
+    def trust(node_id: Id, body: TrustBody | None = None) -> dict[str, Any]:
         node = server.trust_node(node_id, body.fingerprint if body else None)
         return {"node": node_json(node)}
 
@@ -212,7 +218,7 @@ def create_app(server: Server) -> FastAPI:
         return {"target": target_out(reg.target), "warnings": reg.warnings}
 
     @r.get("/targets", summary="targets with next and last run")
-    def list_targets(host: str | None = None, port: int | None = None,
+    def list_targets(host: str | None = None, port: OptPort = None,
                      user: str | None = None, path: str | None = None,
                      all: bool = Query(False, description="include unregistered targets"),
                      ) -> dict[str, Any]:
@@ -225,30 +231,31 @@ def create_app(server: Server) -> FastAPI:
                             for t in targets]}
 
     @r.get("/targets/{target_id}", summary="one target")
-    def get_target(target_id: int) -> dict[str, Any]:
+    def get_target(target_id: Id) -> dict[str, Any]:
         return {"target": target_out(resolve_target(target_id))}
 
     @r.delete("/targets/{target_id}", summary="unregister: stop its backups")
-    def unregister(target_id: int, purge: bool = False) -> dict[str, Any]:
+    def unregister(target_id: Id, purge: bool = False) -> dict[str, Any]:
         target, purged = server.unregister(target_id, purge=purge)
         return {"target": target_out(target), "purged_archives": purged}
 
     @r.get("/targets/{target_id}/backups", summary="every archive ever made for a target")
-    def backups(target_id: int) -> dict[str, Any]:
+    def backups(target_id: Id) -> dict[str, Any]:
         target = resolve_target(target_id)
         return {"target": target_out(target),
                 "backups": [archive_json(a) for a in server.catalog.list_archives(target_id)]}
 
     @r.post("/targets/{target_id}/run", summary="back up now")
-    def run(target_id: int, wait: bool = False,
-            timeout: float | None = Query(None, gt=0)) -> JSONResponse:
+    def run(target_id: Id, wait: bool = False,
+            timeout: float | None = Query(None, gt=0, le=7 * 86400, allow_inf_nan=False),
+            ) -> JSONResponse:
         result = server.run_now(target_id, wait=wait, timeout=timeout)
         if result is None:
             return JSONResponse({"target_id": target_id, "queued": True}, status_code=202)
         return JSONResponse({"run": run_json(result)})
 
     @r.get("/runs", summary="the run log, newest first")
-    def runs(target_id: int | None = None, host: str | None = None, port: int | None = None,
+    def runs(target_id: OptId = None, host: str | None = None, port: OptPort = None,
              user: str | None = None, path: str | None = None,
              status: str | None = None,
              limit: int = Query(50, ge=1, le=10_000)) -> dict[str, Any]:
@@ -261,12 +268,12 @@ def create_app(server: Server) -> FastAPI:
         return {"runs": [run_json(x) for x in rows]}
 
     @r.get("/archives/{archive_id}", summary="one archive's facts")
-    def archive(archive_id: int) -> dict[str, Any]:
+    def archive(archive_id: Id) -> dict[str, Any]:
         return {"backup": archive_json(server.catalog.get_archive(archive_id))}
 
     @r.get("/archives/{archive_id}/download", summary="the archive's tar.gz bytes",
            response_class=FileResponse)
-    def download(archive_id: int) -> FileResponse:
+    def download(archive_id: Id) -> FileResponse:
         a = server.catalog.get_archive(archive_id)
         if a["deleted_at"] is not None:
             raise ApiError(410, "archive_rotated",

@@ -37,7 +37,11 @@ def validate_path(path: str) -> str:
         raise InvalidPath("path is empty; give an absolute path such as /srv/app")
     if "\x00" in path or "\n" in path or "\r" in path:
         raise InvalidPath("path contains a NUL or newline character")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPath("path is not valid UTF-8 text (it holds a lone surrogate)") from None
+    if len(encoded) > MAX_PATH:
         raise InvalidPath(f"path is longer than {MAX_PATH} bytes")
     if not path.startswith("/"):
         raise InvalidPath(f"path {path!r} is not absolute; give it from / (e.g. /srv/app)")
@@ -96,7 +100,8 @@ def tar_command(path: str, *, pigz: bool = False) -> str:
     return (
         "LC_ALL=C; export LC_ALL; "
         + _precheck(path)
-        + f"exec tar -C {shlex.quote(parent or '/')} {compress} -cf - "
+        # --no-unquote: GNU tar would read a backslash in the name as an escape
+        + f"exec tar -C {shlex.quote(parent or '/')} --no-unquote {compress} -cf - "
         + f"-- {shlex.quote(name)}"
     )
 

@@ -4,8 +4,9 @@ Job ids and what they run (always by textual reference, primitive args only,
 so a stored job never fails to unpickle after a refactor):
 
 - ``target:<id>``  interval job, ``orchestrator.jobs:run_target``
-- ``retry:<id>``   one-off date job, ``orchestrator.jobs:retry_target``
-- ``probe:<id>``   one-off date job per node, ``orchestrator.jobs:probe_node``
+- ``retry:<id>:<n>``    one-off date job, ``orchestrator.jobs:retry_target``
+- ``probe:<id>:<n>``    one-off date job per node, ``orchestrator.jobs:probe_node``
+- ``recover:<id>:<n>``  one-off, run at once, ``orchestrator.jobs:recover_target``
 
 Retries are separate date jobs, never ``modify_job(next_run_time=...)``, which
 would shift the interval for good. Only one process may own the job store.
@@ -14,8 +15,10 @@ would shift the interval for good. Only one process may own the job store.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 RUN_TARGET = "orchestrator.jobs:run_target"
 RETRY_TARGET = "orchestrator.jobs:retry_target"
 PROBE_NODE = "orchestrator.jobs:probe_node"
+RECOVER_TARGET = "orchestrator.jobs:recover_target"
 TABLE = "apscheduler_jobs"
 
 
@@ -41,12 +45,21 @@ def target_job(target_id: int) -> str:
     return f"target:{target_id}"
 
 
-def retry_job(target_id: int) -> str:
-    return f"retry:{target_id}"
+def _one_off(kind: str, ident: int) -> str:
+    # One-off jobs get a fresh id each time: a job that schedules its own
+    # successor under the same id would have it deleted by APScheduler, which
+    # removes a fired date job after handing it to a worker.
+    return f"{kind}:{ident}:{next(_SEQ)}-{time.monotonic_ns() % 10**9}"
 
 
-def probe_job(node_id: int) -> str:
-    return f"probe:{node_id}"
+def job_ident(job_id: str) -> tuple[str, int] | None:
+    """``("retry", 12)`` for ``retry:12:...``; None for ids that are not ours."""
+    kind, _, rest = job_id.partition(":")
+    ident = rest.partition(":")[0]
+    return (kind, int(ident)) if ident.isdigit() else None
+
+
+_SEQ = itertools.count(1)
 
 
 class Scheduler:
@@ -65,19 +78,23 @@ class Scheduler:
         )
 
     def _submitted(self, job_id: str, due: dt.datetime) -> None:
+        parsed = job_ident(job_id)
+        if parsed is None:
+            return
         with self._due_lock:
-            self._due.setdefault(job_id, deque()).append(due)
+            self._due.setdefault(parsed, deque()).append(due)
 
-    def scheduled_time(self, job_id: str) -> dt.datetime | None:
-        """When the run just handed to a worker was due (coalesced: the latest
-        missed time). Each job instance reads its own once, first thing."""
+    def scheduled_time(self, kind: str, ident: int) -> dt.datetime | None:
+        """When the ``kind`` job (target, retry, recover) of ``ident`` just handed
+        to a worker was due (coalesced: the latest missed time). Each job
+        instance reads its own once, first thing."""
         with self._due_lock:
-            queue = self._due.get(job_id)
+            queue = self._due.get((kind, ident))
             if not queue:
                 return None
             due = queue.popleft()
             if not queue:
-                del self._due[job_id]
+                del self._due[(kind, ident)]
             return due
 
     # -- lifecycle ------------------------------------------------------------
@@ -91,6 +108,10 @@ class Scheduler:
     def shutdown(self) -> None:
         if self.aps.running:
             self.aps.shutdown(wait=False)
+            # let the scheduler thread leave its loop before its store goes away
+            thread = getattr(self.aps, "_thread", None)
+            if thread is not None:
+                thread.join(10)
         self.engine.dispose()
 
     # -- targets --------------------------------------------------------------
@@ -110,8 +131,8 @@ class Scheduler:
                          next_run_time=first_run_at or dt.datetime.now(dt.UTC))
 
     def remove_target(self, target_id: int) -> None:
-        for job_id in (target_job(target_id), retry_job(target_id)):
-            self._remove(job_id)
+        self._remove(target_job(target_id))
+        self.cancel_retry(target_id)
 
     def job_ids(self) -> set[str]:
         """Ids of every stored job, read without unpickling any of them."""
@@ -130,9 +151,9 @@ class Scheduler:
                 added.append(tid)
         removed = []
         for job_id in sorted(stored):
-            kind, _, ident = job_id.partition(":")
-            if kind in ("target", "retry") and (not ident.isdigit()
-                                                or int(ident) not in active):
+            parsed = job_ident(job_id)
+            if parsed is None or (parsed[0] in ("target", "retry", "recover")
+                                  and parsed[1] not in active):
                 self._remove(job_id)
                 removed.append(job_id)
         return added, removed
@@ -146,37 +167,53 @@ class Scheduler:
                 f"SELECT id, next_run_time FROM {TABLE} "
                 "WHERE (id LIKE 'target:%' OR id LIKE 'retry:%') AND next_run_time IS NOT NULL"))
             for job_id, ts in rows:
-                ident = job_id.partition(":")[2]
-                if not ident.isdigit():
+                parsed = job_ident(job_id)
+                if parsed is None:
                     continue
                 when = dt.datetime.fromtimestamp(ts, dt.UTC)
-                tid = int(ident)
+                tid = parsed[1]
                 if tid not in out or when < out[tid]:
                     out[tid] = when
         return out
 
     # -- retries and probes ------------------------------------------------------
 
+    def _ids(self, prefix: str) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.text(f"SELECT id FROM {TABLE} WHERE id LIKE :p"),
+                                     {"p": prefix + "%"}).scalars())
+
     def schedule_retry(self, target_id: int, when: dt.datetime) -> None:
+        """The target's one pending retry (an earlier one is replaced)."""
+        self.cancel_retry(target_id)
         self.aps.add_job(RETRY_TARGET, trigger=DateTrigger(when, timezone=dt.UTC),
-                         args=[target_id], id=retry_job(target_id),
-                         name=f"retry target {target_id}", replace_existing=True)
+                         args=[target_id], id=_one_off("retry", target_id),
+                         name=f"retry target {target_id}")
 
     def cancel_retry(self, target_id: int) -> None:
-        self._remove(retry_job(target_id))
+        for job_id in self._ids(f"retry:{target_id}:"):
+            self._remove(job_id)
+
+    def has_retry(self, target_id: int) -> bool:
+        return bool(self._ids(f"retry:{target_id}:"))
 
     def has_probe(self, node_id: int) -> bool:
-        return self.aps.get_job(probe_job(node_id)) is not None
+        return bool(self._ids(f"probe:{node_id}:"))
 
     def schedule_probe(self, node_id: int, when: dt.datetime) -> None:
+        """The node's one pending probe (an earlier one is replaced)."""
+        for job_id in self._ids(f"probe:{node_id}:"):
+            self._remove(job_id)
         self.aps.add_job(PROBE_NODE, trigger=DateTrigger(when, timezone=dt.UTC),
-                         args=[node_id], id=probe_job(node_id), name=f"probe node {node_id}",
-                         replace_existing=True)
+                         args=[node_id], id=_one_off("probe", node_id),
+                         name=f"probe node {node_id}")
 
-    def submit_now(self, func: str, args: list[Any], job_id: str) -> None:
-        """Run a job function as soon as a worker is free (used for recovery)."""
-        self.aps.add_job(func, trigger=DateTrigger(dt.datetime.now(dt.UTC), timezone=dt.UTC),
-                         args=args, id=job_id, replace_existing=True)
+    def recover_now(self, target_id: int) -> None:
+        """Back the target up as soon as a worker is free (after its node came back)."""
+        self.aps.add_job(RECOVER_TARGET, trigger=DateTrigger(dt.datetime.now(dt.UTC),
+                                                             timezone=dt.UTC),
+                         args=[target_id], id=_one_off("recover", target_id),
+                         name=f"recover target {target_id}")
 
     def _remove(self, job_id: str) -> None:
         try:

@@ -151,14 +151,14 @@ class Server:
 
     def _restore_retries(self) -> None:
         """Failed targets and unreachable nodes keep waiting across a restart."""
-        stored = self.scheduler.job_ids()
         now = self.clock()
         for node in self.catalog.list_nodes():
-            if node.reachable is False and f"probe:{node.id}" not in stored \
+            if node.reachable is False and not self.scheduler.has_probe(node.id) \
                     and self.catalog.list_targets(node_id=node.id):
                 self.scheduler.schedule_probe(node.id, now)
         for t in self.catalog.list_targets():
-            if t.failures and t.node.reachable is not False and f"retry:{t.id}" not in stored:
+            if t.failures and t.node.reachable is not False \
+                    and not self.scheduler.has_retry(t.id):
                 self.scheduler.schedule_retry(t.id, t.next_retry_at or now)
 
     # -- backoff ----------------------------------------------------------------
@@ -193,9 +193,8 @@ class Server:
                 self.catalog.record_failure(target_id, None)
                 self._ensure_probe(target.node)
                 return None
-            job_id = {"schedule": "target", "retry": "retry",
-                      "recovery": "recover"}[trigger] + f":{target_id}"
-            due = self.scheduler.scheduled_time(job_id)
+            kind = {"schedule": "target", "retry": "retry", "recovery": "recover"}[trigger]
+            due = self.scheduler.scheduled_time(kind, target_id)
             with self._inflight_lock:
                 if target_id in self._inflight:
                     # Due while its previous run still goes on: that run repeats
@@ -304,8 +303,7 @@ class Server:
                      len(overdue))
             for t in overdue:
                 self.scheduler.cancel_retry(t.id)
-                self.scheduler.submit_now("orchestrator.jobs:recover_target", [t.id],
-                                          f"recover:{t.id}")
+                self.scheduler.recover_now(t.id)
         except Exception:  # noqa: BLE001
             log.exception("probe of node %s crashed", node_id)
 
@@ -419,8 +417,7 @@ class Server:
                     node.host_key_fingerprint,
                     f"; only {fingerprint} will be accepted" if fingerprint else "")
         for t in self.catalog.overdue_targets(node_id):
-            self.scheduler.submit_now("orchestrator.jobs:recover_target", [t.id],
-                                      f"recover:{t.id}")
+            self.scheduler.recover_now(t.id)
         return self.catalog.get_node(node_id)
 
     def authorized_keys_line(self, *, restricted: bool, host: str | None = None,

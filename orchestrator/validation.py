@@ -35,6 +35,11 @@ def host(value: object) -> str:
     if len(text) > 253:
         raise InvalidHost(f"host name is longer than 253 characters: {text[:40]!r}...")
     labels = text.rstrip(".").split(".")
+    if labels[-1].isdigit() or labels[-1].lower().startswith("0x"):
+        # 2130706433, 0x7f.1, 127.1: the resolver reads these as IPv4 addresses,
+        # so one node could be registered under many names
+        raise InvalidHost(f"{text!r} looks like a numeric address but is not a dotted-quad "
+                          "IPv4 or an IPv6 address; write the address in full")
     if not all(_LABEL.match(label) for label in labels):
         raise InvalidHost(f"{text!r} is not a valid host name or IP address "
                           "(letters, digits, '-' and '.' only; no leading '-')")

@@ -32,6 +32,8 @@ class TarGzVerifier:
         self._long_name: str | None = None
         self._pax_path: str | None = None
         self._pax_size: int | None = None
+        self._long_link: str | None = None
+        self._pax_link: str | None = None
         self._pending_special: str | None = None  # 'L' or 'x' payload being read
         self._special = bytearray()
         self._special_left = 0
@@ -113,11 +115,15 @@ class TarGzVerifier:
                 self._close_special()
             return
         name = self._long_name or self._pax_path or _ustar_name(h)
+        link = self._long_link or self._pax_link or _field(h[157:257])
         if self._pax_size is not None:
             size = self._pax_size
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
         self._long_name = self._pax_path = self._pax_size = None
+        self._long_link = self._pax_link = None
         self._check_name(name)
+        if kind == "1":  # a hard link names another member: it must stay inside too
+            self._check_name(link)
         self.members += 1
         # As tarfile reads it: links, directories and devices carry no data.
         self._skip = 0 if kind in _NO_DATA else padded
@@ -127,8 +133,11 @@ class TarGzVerifier:
         self._pending_special = None
         if kind == "L":
             self._long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind == "K":
+            self._long_link = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == "x":
             self._pax_path = _pax_field(payload, b"path")
+            self._pax_link = _pax_field(payload, b"linkpath")
             size = _pax_field(payload, b"size")
             if size is not None:
                 if not size.isdigit():
@@ -146,6 +155,10 @@ class TarGzVerifier:
         top = posixpath.normpath(name).split("/", 1)[0]
         if top != self.root:
             raise InvalidArchive(f"the archive holds {name[:200]!r}, outside {self.root!r}")
+
+
+def _field(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def _ustar_name(h: bytes) -> str:
