@@ -24,13 +24,9 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tarfile
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -39,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from fixtures.server import Backhauld
 
 CANARY_PREFIX = "bhcanary"
 # Placeholders in corpus values, replaced by ``Hostile.render``:
@@ -613,66 +611,16 @@ def operations(openapi: dict[str, Any]) -> list[tuple[str, str]]:
 # -- the bench entry point -------------------------------------------------------------
 
 
-class _Backhauld:
-    """backhauld as a subprocess on a free loopback port (like the tests' LiveServer)."""
-
-    def __init__(self, data_dir: Path, **settings: object) -> None:
-        self.data_dir = data_dir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = {"connect_timeout": 2, "io_timeout": 10, "shutdown_grace": 5,
-                         "retry_min": 1, "retry_max": 4, **settings}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> _Backhauld:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
-        env.update({f"BACKHAUL_{k.upper()}": str(v) for k, v in self.settings.items()})
-        env.update(BACKHAUL_DATA_DIR=str(self.data_dir),
-                   BACKHAUL_LISTEN=f"127.0.0.1:{self.port}")
-        log = open(self.data_dir.parent / "backhauld.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator"], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"backhauld exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("backhauld did not answer in 30 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "api-token").read_text().strip()
-
-
-
 @contextmanager
-def _live(root: Path) -> Iterator[tuple[_Backhauld, Any]]:
+def _live(root: Path) -> Iterator[tuple[Backhauld, Any]]:
     from fixtures.sshd.launcher import SSHD
     from orchestrator.ssh import ServerKey
 
     data = root / "server"
     key = ServerKey(data / "ssh" / "id_ed25519")
     with SSHD(root / "node", key.public_line) as node:
-        srv = _Backhauld(data, connect_timeout=1).start()
+        srv = Backhauld(data, connect_timeout=1, io_timeout=10, shutdown_grace=5,
+                        retry_min=1, retry_max=4).start()
         try:
             yield srv, node
         finally:

@@ -4,11 +4,6 @@ archive directory. Nothing here reads ~/.ssh or talks to an ssh-agent."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fixtures.server import Backhauld
 from fixtures.sshd.launcher import SSHD
 from orchestrator.backup import BackupEngine, CatalogHostKeys
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
@@ -94,82 +90,18 @@ def pytest_report_header() -> str:
 
 # -- a live backhauld ------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """``backhauld`` as a real subprocess on a free port, with its own data dir.
-
-    The server's SSH key is copied in before the first start so the test
-    nodes can authorise it in advance."""
+class LiveServer(Backhauld):
+    """backhauld for a test: short retry and timeout settings, the session's
+    server key, and helpers over its API."""
 
     def __init__(self, data_dir: Path, key: ServerKey, **settings: object) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = {"retry_min": 1, "retry_max": 4, "connect_timeout": 3,
-                         "io_timeout": 10, "shutdown_grace": 5, **settings}
-        (data_dir / "ssh").mkdir(parents=True, exist_ok=True)
-        shutil.copy(key.path, data_dir / "ssh" / "id_ed25519")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"backhauld-{self.port}.log"
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
-        env.update({f"BACKHAUL_{k.upper()}": str(v) for k, v in self.settings.items()})
-        env["BACKHAUL_DATA_DIR"] = str(self.data_dir)
-        env["BACKHAUL_LISTEN"] = f"127.0.0.1:{self.port}"
-        return env
+        super().__init__(data_dir, key.path, **{
+            "retry_min": 1, "retry_max": 4, "connect_timeout": 3, "io_timeout": 10,
+            "shutdown_grace": 5, **settings})
 
     def start(self, timeout: float = 20.0) -> LiveServer:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"backhauld exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"backhauld did not answer in {timeout}s:\n{self.log()}")
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc, self.proc = self.proc.returncode, None
-        return rc
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "api-token").read_text().strip()
+        super().start(timeout)
+        return self
 
     def api(self, method: str, path: str, **kw: object) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"}

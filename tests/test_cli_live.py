@@ -28,9 +28,10 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner, Result
-from conftest import LiveServer, free_port
+from conftest import LiveServer
 
 from cli.main import main
+from fixtures.server import free_port
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
 

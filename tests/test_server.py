@@ -120,7 +120,7 @@ def test_unreachable_node_is_accepted_with_a_warning(live: LiveServer, tmp_path:
 
 
 def free_closed_port() -> int:
-    from conftest import free_port
+    from fixtures.server import free_port
     return free_port()
 
 
