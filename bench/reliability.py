@@ -184,38 +184,55 @@ def load(work: Path, key: ServerKey, *, targets: int, nodes: int, seconds: float
             rows = cat.list_runs(limit=10_000_000)
         finally:
             cat.close()
-    by_target: dict[int, list[dict]] = {}
+    figures = analyze_runs(rows, interval, start_wall, end_wall)
+    rss = [s[0] for s in samples]
+    fds = [s[1] for s in samples]
+    return {
+        "targets": len(dirs), "nodes": nodes, "seconds": seconds,
+        "interval_seconds": interval, **figures,
+        "rss_mib_first_last_max": [round(rss[1] / 2**20, 1), round(rss[-1] / 2**20, 1),
+                                   round(max(rss) / 2**20, 1)],
+        "open_fds_first_last_max": [fds[1], fds[-1], max(fds)],
+    }
+
+
+def analyze_runs(rows: list[dict[str, Any]], interval: float, start: float,
+                 end: float) -> dict[str, Any]:
+    """Lost, overlapping and failed runs and start delays from the run log.
+
+    A scheduled run records when it was due; for each target the due times
+    between ``start + interval`` and ``end - 2 * interval`` (later ones may
+    still have been pending when the server stopped) must follow each other
+    one interval apart: a longer gap is a lost run. Two runs of one target
+    must never overlap."""
+    by_target: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_target.setdefault(r["target_id"], []).append(r)
-    lost = overlapped = failed = executed = 0
+    lost = overlapped = failed = checked = 0
+    per_target_checked = []
     delays = []
     for runs in by_target.values():
         runs.sort(key=lambda r: r["started_at"])
         failed += sum(r["status"] == "failed" for r in runs)
-        sched = sorted(r["scheduled_at"].timestamp() for r in runs
-                       if r["trigger"] == "schedule" and r["scheduled_at"]
-                       and start_wall + interval <= r["scheduled_at"].timestamp()
-                       < end_wall - 2 * interval)
-        executed += len(sched)
-        lost += sum(max(0, round((b - a) / interval) - 1) for a, b in zip(sched, sched[1:],
-                                                                          strict=False))
+        due = sorted(r["scheduled_at"].timestamp() for r in runs
+                     if r["trigger"] == "schedule" and r["scheduled_at"]
+                     and start + interval <= r["scheduled_at"].timestamp() < end - 2 * interval)
+        checked += len(due)
+        per_target_checked.append(len(due))
+        lost += sum(max(0, round((b - a) / interval) - 1)
+                    for a, b in zip(due, due[1:], strict=False))
         spans = [(r["started_at"], r["finished_at"]) for r in runs if r["finished_at"]]
         overlapped += sum(s2 < f1 for (_, f1), (s2, _) in zip(spans, spans[1:], strict=False))
         delays += [(r["started_at"] - r["scheduled_at"]).total_seconds() for r in runs
                    if r["scheduled_at"]]
     delays.sort()
-    rss = [s[0] for s in samples]
-    fds = [s[1] for s in samples]
     return {
-        "targets": len(dirs), "nodes": nodes, "seconds": seconds,
-        "interval_seconds": interval, "runs_total": len(rows), "due_runs_checked": executed,
+        "runs_total": len(rows), "due_runs_checked": checked,
+        "min_due_runs_per_target": min(per_target_checked, default=0),
         "lost": lost, "overlapped": overlapped, "failed": failed,
         "start_delay_p50_s": round(statistics.median(delays), 3) if delays else None,
         "start_delay_p99_s": round(delays[int(len(delays) * 0.99) - 1], 3) if delays else None,
         "start_delay_max_s": round(delays[-1], 3) if delays else None,
-        "rss_mib_first_last_max": [round(rss[1] / 2**20, 1), round(rss[-1] / 2**20, 1),
-                                   round(max(rss) / 2**20, 1)],
-        "open_fds_first_last_max": [fds[1], fds[-1], max(fds)],
     }
 
 
