@@ -4,7 +4,6 @@ trees changing. Every due run happens once, none overlap, none are lost.
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 import threading
 import time
@@ -22,10 +21,6 @@ NODES = 3
 PER_NODE = 10
 TICK = 3.0  # seconds per schedule "minute"
 DURATION = 18.0
-
-
-def _ts(value: str) -> float:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def test_every_due_run_happens_exactly_once(tmp_path: Path, server_key: ServerKey) -> None:
