@@ -247,3 +247,23 @@ def _has_backup_with(srv: LiveServer, target_id: int, name: str) -> bool:
     r = srv.api("GET", f"/archives/{backups[0]['id']}/download")
     with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tf:
         return any(n.endswith("/" + name) for n in tf.getnames())
+
+
+def test_sigterm_mid_transfer_aborts_within_the_grace_and_exits_zero(
+        tmp_path: Path, server_key: ServerKey, node: SSHD) -> None:
+    big = _tree(tmp_path / "big", 60)
+    srv = LiveServer(tmp_path / "srv", server_key, bwlimit="5MiB", shutdown_grace=1).start()
+    try:
+        t = srv.register(node, big, every=60)
+        archives = srv.data_dir / "archives"
+        srv.wait_for(lambda: list(archives.rglob("*.partial-*")), 20, "a transfer in flight")
+        started = time.monotonic()
+        assert srv.stop() == 0
+        assert time.monotonic() - started < 15
+        assert not list(archives.rglob("*.partial-*"))
+        srv.start()
+        run = srv.runs(t["id"])[0]
+        assert run["status"] == "interrupted", run
+        assert srv.api("GET", f"/targets/{t['id']}/backups").json()["backups"] == []
+    finally:
+        srv.stop()
