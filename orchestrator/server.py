@@ -175,6 +175,9 @@ class Server:
     def run_job(self, target_id: int, trigger: str) -> RunResult | None:
         """What the scheduler calls. Never raises: a failing job must not take
         the scheduler down."""
+        # First thing, whatever happens next: each job instance takes its own due time.
+        kind = {"schedule": "target", "retry": "retry", "recovery": "recover"}[trigger]
+        due = self.scheduler.scheduled_time(kind, target_id)
         if self._stopping.is_set():
             return None
         try:
@@ -193,8 +196,6 @@ class Server:
                 self.catalog.record_failure(target_id, None)
                 self._ensure_probe(target.node)
                 return None
-            kind = {"schedule": "target", "retry": "retry", "recovery": "recover"}[trigger]
-            due = self.scheduler.scheduled_time(kind, target_id)
             with self._inflight_lock:
                 if target_id in self._inflight:
                     # Due while its previous run still goes on: that run repeats
@@ -294,7 +295,7 @@ class Server:
                 if isinstance(exc, HostKeyMismatch):
                     log.error("node %s: %s", node.address, exc.message)
                 self.scheduler.schedule_probe(node_id, when)
-                log.info("probe %d of node %s failed (%s); next in %.0fs", node.probe_attempts,
+                log.info("probe %d of node %s failed (%s); next in %.0fs", attempts,
                          node.address, exc.code, (when - self.clock()).total_seconds())
                 return
             self.catalog.node_reachable(node_id)
@@ -312,7 +313,7 @@ class Server:
         """Back up now (the API's ``run``). With ``wait``, returns the run row."""
         target = self.catalog.get_target(target_id)
         if not target.active:
-            raise NotFound("target", target_id)
+            raise TargetInactive(target_id)
 
         def manual() -> RunResult:
             result = self.engine.run(target_id, "manual", queue=True)
