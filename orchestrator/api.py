@@ -178,7 +178,7 @@ def create_app(server: Server) -> FastAPI:
 
     def target_out(t: Target) -> dict[str, Any]:
         return target_json(t, server.catalog.target_summaries([t.id]).get(t.id),
-                           server.scheduler.next_runs().get(t.id))
+                           server.scheduler.next_runs(t.id).get(t.id))
 
     def canonical_host(host: str | None) -> str | None:
         """Filters compare with hosts as stored (lower-case names, compressed IPs)."""
@@ -221,7 +221,7 @@ def create_app(server: Server) -> FastAPI:
     def list_targets(host: str | None = None, port: OptPort = None,
                      user: str | None = None, path: str | None = None,
                      all: bool = Query(False, description="include unregistered targets"),
-                     ) -> dict[str, Any]:
+                     ) -> JSONResponse:
         targets = server.catalog.list_targets(active_only=not all, host=canonical_host(host),
                                               port=port,
                                               user=user, path=path)
@@ -258,14 +258,14 @@ def create_app(server: Server) -> FastAPI:
     def runs(target_id: OptId = None, host: str | None = None, port: OptPort = None,
              user: str | None = None, path: str | None = None,
              status: str | None = None,
-             limit: int = Query(50, ge=1, le=10_000)) -> dict[str, Any]:
+             limit: int = Query(50, ge=1, le=10_000)) -> JSONResponse:
         target_ids = [target_id] if target_id is not None else None
         if target_ids is None and (host or port or user or path):
             target_ids = [t.id for t in server.catalog.list_targets(
                 active_only=False, host=canonical_host(host), port=port, user=user,
                 path=path)]
         rows = server.catalog.list_runs(target_ids=target_ids, status=status, limit=limit)
-        return {"runs": [run_json(x) for x in rows]}
+        return JSONResponse({"runs": [run_json(x) for x in rows]})
 
     @r.get("/archives/{archive_id}", summary="one archive's facts")
     def archive(archive_id: Id) -> dict[str, Any]:

@@ -240,7 +240,7 @@ class BackupEngine:
     def check_path(self, node: NodeAddress, path: str) -> None:
         """Raise unless ``path`` exists and is readable on the node (registration)."""
         with self.pool.session(node) as conn:
-            res = conn.exec(remote.fingerprint_command(path), what="path check")
+            res = conn.exec(remote.check_command(path), what="path check")
             _check_status(res.exit_status, res.stderr_text, str(node), path, "path check",
                           ok=(0,))
 

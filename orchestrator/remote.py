@@ -82,6 +82,11 @@ def fingerprint_command(path: str) -> str:
     )
 
 
+def check_command(path: str) -> str:
+    """Exit 0 when the path exists and is readable (registration's check)."""
+    return _precheck(validate_path(path)) + "exit 0"
+
+
 def parse_fingerprint(stdout: bytes) -> str | None:
     m = _HEX64.match(stdout.strip())
     return m.group(0).decode() if m else None
@@ -114,7 +119,8 @@ def allowed_commands(paths: Iterable[str]) -> list[str]:
     """Every command backhaul sends to a node that backs up ``paths``."""
     out = [probe_command(), has_pigz_command()]
     for p in sorted(set(paths)):
-        out += [fingerprint_command(p), tar_command(p, pigz=False), tar_command(p, pigz=True)]
+        out += [check_command(p), fingerprint_command(p), tar_command(p, pigz=False),
+                tar_command(p, pigz=True)]
     return out
 
 

@@ -158,14 +158,19 @@ class Scheduler:
                 removed.append(job_id)
         return added, removed
 
-    def next_runs(self) -> dict[int, dt.datetime]:
-        """Next run of every target (interval or pending retry, whichever is
-        sooner), in one query and without unpickling jobs."""
+    def next_runs(self, target_id: int | None = None) -> dict[int, dt.datetime]:
+        """Next run of every target (or of one), interval or pending retry,
+        whichever is sooner; one query, no job unpickled."""
+        if target_id is None:
+            where = "(id LIKE 'target:%' OR id LIKE 'retry:%')"
+            params: dict[str, Any] = {}
+        else:
+            where = "(id = :t OR id LIKE :r)"
+            params = {"t": target_job(target_id), "r": f"retry:{target_id}:%"}
         out: dict[int, dt.datetime] = {}
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                f"SELECT id, next_run_time FROM {TABLE} "
-                "WHERE (id LIKE 'target:%' OR id LIKE 'retry:%') AND next_run_time IS NOT NULL"))
+            rows = conn.execute(sa.text(f"SELECT id, next_run_time FROM {TABLE} WHERE {where} "
+                                        "AND next_run_time IS NOT NULL"), params)
             for job_id, ts in rows:
                 parsed = job_ident(job_id)
                 if parsed is None:

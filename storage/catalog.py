@@ -94,6 +94,9 @@ targets = sa.Table(
     # Retry state: consecutive failed attempts since the last good run.
     sa.Column("failures", sa.Integer, nullable=False, default=0),
     sa.Column("next_retry_at", UTCDateTime),
+    # The newest finished run, kept here so listing 10,000 targets does not
+    # scan the (never pruned) run log.
+    sa.Column("last_run_id", sa.Integer),
 )
 # One active registration per (node, path); unregistered rows stay for history.
 sa.Index(
@@ -139,6 +142,9 @@ archives = sa.Table(
     sa.Column("fingerprint", sa.String(64)),
     sa.Column("deleted_at", UTCDateTime),
 )
+sa.Index("ix_archives_retained", archives.c.target_id,
+         sqlite_where=archives.c.deleted_at.is_(None),
+         postgresql_where=archives.c.deleted_at.is_(None))
 
 
 @dataclass(frozen=True)
@@ -223,14 +229,21 @@ class Catalog:
             # pysqlite's own transaction handling defers BEGIN; take it over so
             # write transactions start with BEGIN IMMEDIATE (no upgrade deadlocks).
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # Reads take no write lock: WAL lets them run beside a writer.
+        self.reader: Engine = sa.create_engine(
+            self.url,
+            connect_args={"timeout": busy_timeout} if self.url.startswith("sqlite") else {})
+        if self.reader.dialect.name == "sqlite":
+            event.listen(self.reader, "connect", _sqlite_pragmas)
+            event.listen(self.reader, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         self._create()
 
     # -- plumbing ----------------------------------------------------------
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _tx(self, write: bool = True) -> Iterator[Connection]:
         try:
-            with self.engine.begin() as conn:
+            with (self.engine if write else self.reader).begin() as conn:
                 yield conn
         except (TargetExists, NotFound):
             raise
@@ -251,6 +264,7 @@ class Catalog:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.reader.dispose()
 
     # -- nodes -------------------------------------------------------------
 
@@ -270,7 +284,7 @@ class Catalog:
             return _node(_row(found))
 
     def get_node(self, node_id: int) -> Node:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             found = conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).first()
         if found is None:
             raise NotFound("node", node_id)
@@ -280,11 +294,11 @@ class Catalog:
         q = sa.select(nodes).where(nodes.c.host == host, nodes.c.port == port)
         if user is not None:
             q = q.where(nodes.c.user == user)
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return [_node(_row(r)) for r in conn.execute(q.order_by(nodes.c.id))]
 
     def list_nodes(self) -> list[Node]:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return [_node(_row(r)) for r in conn.execute(sa.select(nodes).order_by(nodes.c.id))]
 
     def pin_host_key(self, node_id: int, key_type: str, key_b64: str, fingerprint: str) -> bool:
@@ -376,7 +390,7 @@ class Catalog:
             failures=m["failures"], next_retry_at=m["next_retry_at"])
 
     def get_target(self, target_id: int) -> Target:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             found = conn.execute(self._target_query().where(targets.c.id == target_id)).first()
         if found is None:
             raise NotFound("target", target_id)
@@ -398,32 +412,32 @@ class Catalog:
             q = q.where(nodes.c.user == user)
         if path is not None:
             q = q.where(targets.c.path == path)
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return [self._target(_row(r)) for r in conn.execute(q.order_by(targets.c.id))]
 
     def active_target_ids(self) -> set[int]:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return set(conn.execute(sa.select(targets.c.id)
                                     .where(targets.c.unregistered_at.is_(None))).scalars())
 
     def target_summaries(self, target_ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
-        """Last run and kept archives of many targets in two queries (not one per target)."""
-        last = (sa.select(runs.c.target_id, sa.func.max(runs.c.id).label("run_id"))
-                .where(runs.c.status != "running").group_by(runs.c.target_id).subquery())
-        kept = (sa.select(archives.c.target_id,
-                          sa.func.count().label("archives_kept"),
-                          sa.func.coalesce(sa.func.sum(archives.c.size), 0).label("bytes_kept"))
-                .where(archives.c.deleted_at.is_(None)).group_by(archives.c.target_id).subquery())
+        """Last run and kept archives of many targets in one query (not one per target)."""
+        kept_q = (sa.select(archives.c.target_id,
+                            sa.func.count().label("archives_kept"),
+                            sa.func.coalesce(sa.func.sum(archives.c.size), 0).label("bytes_kept"))
+                  .where(archives.c.deleted_at.is_(None)))
+        if target_ids is not None:
+            kept_q = kept_q.where(archives.c.target_id.in_(target_ids))
+        kept = kept_q.group_by(archives.c.target_id).subquery()
         q = (sa.select(targets.c.id, runs.c.started_at, runs.c.finished_at, runs.c.status,
                        runs.c.error_code, kept.c.archives_kept, kept.c.bytes_kept)
              .select_from(targets)
-             .outerjoin(last, last.c.target_id == targets.c.id)
-             .outerjoin(runs, runs.c.id == last.c.run_id)
+             .outerjoin(runs, runs.c.id == targets.c.last_run_id)
              .outerjoin(kept, kept.c.target_id == targets.c.id))
         if target_ids is not None:
             q = q.where(targets.c.id.in_(target_ids))
         out: dict[int, dict[str, Any]] = {}
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             for r in conn.execute(q):
                 out[r.id] = {
                     "last_run_at": r.started_at, "last_finished_at": r.finished_at,
@@ -456,7 +470,7 @@ class Catalog:
 
     def overdue_targets(self, node_id: int) -> list[Target]:
         """Active targets of a node whose latest attempt failed (they wait for the node)."""
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             rows = conn.execute(self._target_query().where(
                 targets.c.node_id == node_id, targets.c.unregistered_at.is_(None),
                 targets.c.failures > 0).order_by(targets.c.id))
@@ -479,7 +493,7 @@ class Catalog:
                 status="unchanged", finished_at=self.clock(), fingerprint=fingerprint,
                 bytes_transferred=bytes_transferred))
             conn.execute(targets.update().where(targets.c.id == target_id)
-                         .values(failures=0, next_retry_at=None))
+                         .values(failures=0, next_retry_at=None, last_run_id=run_id))
 
     def fail_run(self, run_id: int, code: str, message: str, *, bytes_transferred: int = 0,
                  warnings: str | None = None, status: str = "failed") -> None:
@@ -488,6 +502,9 @@ class Catalog:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
                 status=status, finished_at=self.clock(), error_code=code, message=message,
                 bytes_transferred=bytes_transferred, warnings=warnings))
+            conn.execute(targets.update().where(
+                targets.c.id == sa.select(runs.c.target_id).where(runs.c.id == run_id)
+                .scalar_subquery()).values(last_run_id=run_id))
 
     def commit_archive(self, run_id: int, target_id: int, *, created_at: dt.datetime,
                        size: int, sha256: str, file_name: str, fingerprint: str,
@@ -503,7 +520,7 @@ class Catalog:
                 fingerprint=fingerprint, bytes_transferred=bytes_transferred,
                 warnings=warnings))
             conn.execute(targets.update().where(targets.c.id == target_id).values(
-                last_fingerprint=fingerprint, failures=0, next_retry_at=None))
+                last_fingerprint=fingerprint, failures=0, next_retry_at=None, last_run_id=run_id))
             return aid
 
     def interrupt_running(self) -> list[int]:
@@ -515,10 +532,15 @@ class Catalog:
                 conn.execute(runs.update().where(runs.c.id.in_(ids)).values(
                     status="interrupted", finished_at=self.clock(), error_code="interrupted",
                     message="the server stopped while this run was in flight"))
+                newest = (sa.select(sa.func.max(runs.c.id)).where(runs.c.target_id == targets.c.id)
+                          .where(runs.c.status != "running").scalar_subquery())
+                conn.execute(targets.update().where(targets.c.id.in_(
+                    sa.select(runs.c.target_id).where(runs.c.id.in_(ids))))
+                    .values(last_run_id=newest))
             return ids
 
     def get_run(self, run_id: int) -> dict[str, Any]:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             found = conn.execute(self._runs_query().where(runs.c.id == run_id)).first()
         if found is None:
             raise NotFound("run", run_id)
@@ -538,11 +560,11 @@ class Catalog:
             q = q.where(targets.c.node_id.in_(node_ids))
         if status is not None:
             q = q.where(runs.c.status == status)
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return [_row(r) for r in conn.execute(q.order_by(runs.c.id.desc()).limit(limit))]
 
     def count_runs(self, target_id: int) -> int:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(runs)
                                 .where(runs.c.target_id == target_id)).scalar_one()
 
@@ -552,19 +574,19 @@ class Catalog:
         q = sa.select(archives).where(archives.c.target_id == target_id)
         if retained_only:
             q = q.where(archives.c.deleted_at.is_(None))
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return [_row(r) for r in conn.execute(
                 q.order_by(archives.c.created_at.desc(), archives.c.id.desc()))]
 
     def get_archive(self, archive_id: int) -> dict[str, Any]:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             found = conn.execute(sa.select(archives).where(archives.c.id == archive_id)).first()
         if found is None:
             raise NotFound("archive", archive_id)
         return _row(found)
 
     def retained_file_names(self) -> set[str]:
-        with self._tx() as conn:
+        with self._tx(write=False) as conn:
             return set(conn.execute(sa.select(archives.c.file_name)
                                     .where(archives.c.deleted_at.is_(None))).scalars())
 
