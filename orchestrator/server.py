@@ -102,12 +102,14 @@ class Server:
         for name in self.store.sweep_unlisted(self.catalog.retained_file_names()):
             log.warning("removed archive file %s that the catalog never listed", name)
         self.scheduler.start(paused=True)
-        active = {t.id: t.every_minutes for t in self.catalog.list_targets()}
+        listed = self.catalog.list_targets()
+        active = {t.id: t.every_minutes for t in listed}
         added, removed = self.scheduler.reconcile(active)
         if added or removed:
             log.info("job store reconciled with the catalog: added %s, removed %s",
                      added, removed)
         self._restore_retries()
+        self._catch_up(listed)
         jobs.install(self)
         self.scheduler.resume()
         self._janitor = threading.Thread(target=self._janitor_loop, name="ssh-janitor",
@@ -160,6 +162,30 @@ class Server:
             if t.failures and t.node.reachable is not False \
                     and not self.scheduler.has_retry(t.id):
                 self.scheduler.schedule_retry(t.id, t.next_retry_at or now)
+
+    def _catch_up(self, active: list[Target]) -> None:
+        """Runs that were due but never ran (queued when the server stopped:
+        APScheduler had already moved their next run on) or were cut short by
+        the stop run once now, instead of a whole interval later."""
+        next_runs = self.scheduler.next_runs()
+        summaries = self.catalog.target_summaries()
+        now = self.clock()
+        late = []
+        for t in active:
+            tid, nxt = t.id, next_runs.get(t.id)
+            if nxt is None or t.node.reachable is False:  # its node's probe catches up
+                continue
+            last_due = nxt - dt.timedelta(seconds=t.every_minutes * self.settings.minute_seconds)
+            info = summaries.get(tid, {})
+            last = info.get("last_run_at")
+            if info.get("last_status") == "interrupted" or (
+                    last_due <= now and (last is None or last < last_due)):
+                late.append(tid)
+        for tid in late:
+            self.scheduler.recover_now(tid)
+        if late:
+            log.info("%d targets missed a due run while the server was down: running them now",
+                     len(late))
 
     # -- backoff ----------------------------------------------------------------
 

@@ -399,7 +399,9 @@ class Catalog:
     def list_targets(self, *, active_only: bool = True, node_id: int | None = None,
                      host: str | None = None, port: int | None = None,
                      user: str | None = None, path: str | None = None) -> list[Target]:
-        q = self._target_query()
+        # Targets and their (few) nodes are read apart and joined here: one
+        # Node per node rather than one per target row keeps 10,000 cheap.
+        q = sa.select(targets).join(nodes, nodes.c.id == targets.c.node_id)
         if active_only:
             q = q.where(targets.c.unregistered_at.is_(None))
         if node_id is not None:
@@ -413,7 +415,14 @@ class Catalog:
         if path is not None:
             q = q.where(targets.c.path == path)
         with self._tx(write=False) as conn:
-            return [self._target(_row(r)) for r in conn.execute(q.order_by(targets.c.id))]
+            rows = conn.execute(q.order_by(targets.c.id)).all()
+            wanted = {r.node_id for r in rows}
+            node_of = {n["id"]: _node(n) for n in (
+                _row(r) for r in conn.execute(sa.select(nodes).where(nodes.c.id.in_(wanted))))}
+        return [Target(id=r.id, node=node_of[r.node_id], path=r.path,
+                       every_minutes=r.every_minutes, keep=r.keep, created_at=r.created_at,
+                       unregistered_at=r.unregistered_at, last_fingerprint=r.last_fingerprint,
+                       failures=r.failures, next_retry_at=r.next_retry_at) for r in rows]
 
     def active_target_ids(self) -> set[int]:
         with self._tx(write=False) as conn:

@@ -265,3 +265,29 @@ def test_a_second_server_on_the_same_data_dir_is_refused(live: LiveServer,
     other = LiveServer(live.data_dir, server_key)
     with pytest.raises(RuntimeError, match="another backhauld"):
         other.start(timeout=15)
+
+
+def test_runs_queued_at_shutdown_run_after_the_restart(tmp_path: Path, server_key: ServerKey,
+                                                       node: SSHD) -> None:
+    """Backups due but still queued behind others when the server stopped are
+    not pushed a whole interval on: they run right after the restart."""
+    srv = LiveServer(tmp_path / "srv", server_key, workers=1, per_node=1).start()
+    try:
+        big = tmp_path / "big"
+        big.mkdir()
+        for i in range(30):
+            (big / f"c{i}").write_bytes(os.urandom(1 << 20))
+        srv.register(node, big, every=1440)
+        queued = []
+        for i in range(3):
+            d = make_app(tmp_path / f"q{i}")
+            queued.append(srv.register(node, d, every=1440))
+        srv.stop()  # the first backups of the small dirs are still queued behind "big"
+        never_ran = [t for t in queued if not srv_runs_offline(srv, t["id"])]
+        assert never_ran, "the test needs at least one queued run at the stop"
+        srv.start()
+        for t in never_ran:
+            srv.wait_for(lambda t=t: any(r["status"] == "success" for r in srv.runs(t["id"])),
+                         30, f"the queued first backup of target {t['id']}")
+    finally:
+        srv.stop()
