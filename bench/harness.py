@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from fixtures.server import Backhauld as _Backhauld
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import NodeAddress, ServerKey
 
@@ -164,81 +164,21 @@ def _console_script(name: str) -> str:
     return found
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Backhauld:
-    """``python -m orchestrator`` as a subprocess with its own data dir."""
+class Backhauld(_Backhauld):
+    """backhauld for a section: the shared launcher plus the bench's API helpers."""
 
     def __init__(self, data_dir: Path, key: ServerKey, **settings: object) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = settings
-        self.key = key
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self._token: str | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        super().__init__(data_dir, key.path, **settings)
 
     def start(self, timeout: float = 30.0) -> Backhauld:
-        ssh_dir = self.data_dir / "ssh"
-        ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copy(self.key.path, ssh_dir / "id_ed25519")
-        os.chmod(ssh_dir / "id_ed25519", 0o600)
-        env = ssh_env()
-        env.update({f"BACKHAUL_{k.upper()}": str(v) for k, v in self.settings.items()})
-        env["BACKHAUL_DATA_DIR"] = str(self.data_dir)
-        env["BACKHAUL_LISTEN"] = f"127.0.0.1:{self.port}"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator"], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"backhauld exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                status, _ = self.client().request("GET", "/health", timeout=1)
-                if status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"backhauld did not answer in {timeout:g} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            super().start(timeout)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
+        return self
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    @property
-    def token(self) -> str:
-        if self._token is None:
-            self._token = (self.data_dir / "api-token").read_text().strip()
-        return self._token
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def client(self) -> ApiClient:
         return ApiClient(self.port, lambda: self.token)

@@ -97,10 +97,7 @@ def kill_trials(work: Path, key: ServerKey, trials: int, mib: int) -> dict[str, 
             time.sleep(rng.uniform(0.0, expected * 1.1))
             streaming = any(".partial-" in p.name for p in (srv.data_dir / "archives").rglob("*"))
             out["killed_while_streaming"] += streaming
-            assert srv.proc is not None
-            srv.proc.kill()
-            srv.proc.wait()
-            srv.proc = None
+            srv.kill()
             srv.start()
             problems = _check_store(srv.data_dir)
             last = srv.runs(target["id"], limit=1)[0]
