@@ -39,16 +39,23 @@ def log(msg: str) -> None:
 # -- kill -9 at random points of a transfer ------------------------------------------
 
 
-def _check_store(data_dir: Path) -> list[str]:
+def _temp_files(data_dir: Path) -> set[Path]:
+    return {p for p in (data_dir / "archives").rglob("*") if ".partial-" in p.name}
+
+
+def _check_store(data_dir: Path, killed_at: float | None = None,
+                 orphans: set[Path] | None = None) -> list[str]:
     """Problems with what the catalog lists: every retained archive's file must
-    exist, match its sha256 and pass gzip -t; no temp file may remain."""
+    exist, match its sha256 and pass gzip -t; no temp file may remain; no run
+    begun before the kill may still be 'running'."""
     import hashlib
 
     problems = []
     archives_dir = data_dir / "archives"
-    temps = [p for p in archives_dir.rglob("*") if ".partial-" in p.name]
-    if temps:
-        problems.append(f"{len(temps)} temp files left")
+    # temp files of the killed process (a run begun after the restart has its own)
+    left = _temp_files(data_dir) & (orphans if orphans is not None else _temp_files(data_dir))
+    if left:
+        problems.append(f"{len(left)} temp files of the killed server left")
     cat = Catalog(data_dir / "catalog.db")
     try:
         for t in cat.list_targets(active_only=False):
@@ -65,9 +72,10 @@ def _check_store(data_dir: Path) -> list[str]:
                     problems.append(f"archive {a['id']} sha256 differs")
                 if subprocess.run(["gzip", "-t", str(path)]).returncode != 0:
                     problems.append(f"archive {a['id']} fails gzip -t")
-        running = cat.list_runs(status="running", limit=10)
+        running = [r for r in cat.list_runs(status="running", limit=100)
+                   if killed_at is not None and r["started_at"].timestamp() < killed_at]
         if running:
-            problems.append(f"{len(running)} runs still 'running' after restart")
+            problems.append(f"{len(running)} runs begun before the kill still 'running'")
     finally:
         cat.close()
     return problems
@@ -95,12 +103,18 @@ def kill_trials(work: Path, key: ServerKey, trials: int, mib: int) -> dict[str, 
             status, _ = srv.client().request("POST", f"/api/v1/targets/{target['id']}/run")
             assert status == 202, status
             time.sleep(rng.uniform(0.0, expected * 1.1))
-            streaming = any(".partial-" in p.name for p in (srv.data_dir / "archives").rglob("*"))
-            out["killed_while_streaming"] += streaming
+            killed_at = time.time()
             srv.kill()
+            orphans = _temp_files(srv.data_dir)
+            streaming = bool(orphans)
+            out["killed_while_streaming"] += streaming
             srv.start()
-            problems = _check_store(srv.data_dir)
-            last = srv.runs(target["id"], limit=1)[0]
+            problems = _check_store(srv.data_dir, killed_at, orphans)
+            # the run in flight at the kill (the restart may already have begun
+            # a catch-up run after it)
+            before_kill = [r for r in srv.runs(target["id"], limit=5)
+                           if _ts(r["started_at"]) < killed_at]
+            last = before_kill[0] if before_kill else {"status": "none"}
             out["interrupted_runs"] += last["status"] == "interrupted"
             status, doc = srv.client().request(
                 "POST", f"/api/v1/targets/{target['id']}/run", query={"wait": "true"})
@@ -108,7 +122,7 @@ def kill_trials(work: Path, key: ServerKey, trials: int, mib: int) -> dict[str, 
             out["next_run_ok"] += next_ok
             if not next_ok:
                 problems.append(f"next run: HTTP {status} {doc}")
-            problems += _check_store(srv.data_dir)
+            problems += _check_store(srv.data_dir, killed_at, orphans)
             if problems:
                 out["problems"].append({"trial": trial, "problems": problems})
             else:
@@ -117,6 +131,12 @@ def kill_trials(work: Path, key: ServerKey, trials: int, mib: int) -> dict[str, 
                 f"last={last['status']} next={'ok' if next_ok else 'FAILED'} "
                 f"{'; '.join(problems)}")
     return out
+
+
+def _ts(iso: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 # -- load: many targets on many nodes for a while --------------------------------------
