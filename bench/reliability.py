@@ -328,10 +328,18 @@ def render(report: dict[str, Any]) -> str:
         rows.append(("open fds first / last / max", f"{fds[0]} / {fds[1]} / {fds[2]}",
                      fds[1] <= fds[0] + 16))
     if "hostile" in report:
-        h = report["hostile"]
-        figures = ", ".join(f"{k} {v}" for k, v in h.items() if isinstance(v, int | float))
-        bad = any(h.get(k) for k in ("5xx", "canaries", "server_errors", "canaries_triggered"))
-        rows.append(("hostile input", figures, not bad))
+        h = report["hostile"].get("hostile_input", {})
+        f = report["hostile"].get("fuzz", {})
+        rows.append(("hostile values (corpus)",
+                     f"{h.get('tried')} tried, {h.get('refused_4xx')} refused, "
+                     f"{h.get('accepted_safely')} stored and used safely, "
+                     f"{h.get('server_errors_5xx')} 5xx, {h.get('canaries_triggered')} canaries",
+                     not h.get("server_errors_5xx") and not h.get("canaries_triggered")
+                     and not h.get("accepted_then_broken")))
+        rows.append(("API fuzz (schemathesis)",
+                     f"{f.get('requests')} requests, {f.get('server_errors_5xx')} 5xx, "
+                     f"{f.get('bad_error_shape')} answers outside the error shape",
+                     not f.get("server_errors_5xx") and not f.get("bad_error_shape")))
     out = [f"backhaul reliability, {report['date']}", f"$ {report['command']}", "",
            f"{'what':<40} {'figure':<62} verdict", "-" * 112]
     out += [f"{w:<40} {f:<62} {'ok' if ok else 'FAIL'}" for w, f, ok in rows]
