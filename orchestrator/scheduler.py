@@ -165,8 +165,9 @@ class Scheduler:
             where = "(id LIKE 'target:%' OR id LIKE 'retry:%')"
             params: dict[str, Any] = {}
         else:
-            where = "(id = :t OR id LIKE :r)"
-            params = {"t": target_job(target_id), "r": f"retry:{target_id}:%"}
+            where = "(id = :t OR (id >= :lo AND id < :hi))"  # the retry range
+            params = {"t": target_job(target_id), "lo": f"retry:{target_id}:",
+                      "hi": f"retry:{target_id};"}
         out: dict[int, dt.datetime] = {}
         with self.engine.connect() as conn:
             rows = conn.execute(sa.text(f"SELECT id, next_run_time FROM {TABLE} WHERE {where} "
@@ -184,9 +185,12 @@ class Scheduler:
     # -- retries and probes ------------------------------------------------------
 
     def _ids(self, prefix: str) -> list[str]:
+        """Ids starting with ``prefix`` (which ends in ':'), by an index range
+        rather than a LIKE that scans the whole table."""
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(f"SELECT id FROM {TABLE} WHERE id LIKE :p"),
-                                     {"p": prefix + "%"}).scalars())
+            return list(conn.execute(sa.text(f"SELECT id FROM {TABLE} WHERE id >= :lo "
+                                             "AND id < :hi"),
+                                     {"lo": prefix, "hi": prefix[:-1] + ";"}).scalars())
 
     def schedule_retry(self, target_id: int, when: dt.datetime) -> None:
         """The target's one pending retry (an earlier one is replaced)."""

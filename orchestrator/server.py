@@ -400,7 +400,7 @@ class Server:
                             "and backs up as soon as it answers")
 
         target = self.catalog.add_target(node.id, path, every_minutes, keep)
-        if reachable and not warnings:
+        if reachable and not warnings and node.reachable is not True:
             self.catalog.node_reachable(node.id)
         if reachable:
             self.scheduler.add_target(target.id, every_minutes)

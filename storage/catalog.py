@@ -424,11 +424,6 @@ class Catalog:
                        unregistered_at=r.unregistered_at, last_fingerprint=r.last_fingerprint,
                        failures=r.failures, next_retry_at=r.next_retry_at) for r in rows]
 
-    def active_target_ids(self) -> set[int]:
-        with self._tx(write=False) as conn:
-            return set(conn.execute(sa.select(targets.c.id)
-                                    .where(targets.c.unregistered_at.is_(None))).scalars())
-
     def target_summaries(self, target_ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
         """Last run and kept archives of many targets in one query (not one per target)."""
         kept_q = (sa.select(archives.c.target_id,
