@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import metrics, validation
+from orchestrator import metrics, validation, web
 from orchestrator.errors import BackhaulError
 from orchestrator.server import Server, __version__
 from storage.catalog import Node, Target, format_address
@@ -289,4 +289,5 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(r)
     # Operators' views, each in its own module: /metrics and the status page.
     app.include_router(metrics.router(server))
+    app.include_router(web.router(server))
     return app
