@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -126,3 +128,38 @@ def test_metrics_need_the_token(live: LiveServer) -> None:
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "unauthorized"
         assert "backhaul_" not in r.text
+
+
+def test_backlog_and_progress_while_a_slow_run_holds_the_only_worker(
+        tmp_path: Path, server_key: ServerKey, node: SSHD) -> None:
+    """One worker, busy with a throttled transfer: the next due run waits, the
+    scheduler series show it, and the status page shows the bytes so far."""
+    srv = LiveServer(tmp_path / "srv", server_key, workers=1, bwlimit="1MiB").start()
+    try:
+        slow, quick = tmp_path / "slow", tmp_path / "quick"
+        slow.mkdir()
+        quick.mkdir()
+        (slow / "noise.bin").write_bytes(os.urandom(4 * 2**20))  # incompressible: ~4 s
+        s = srv.register(node, slow, every=600)
+        srv.wait_for(lambda: value(scrape(srv), "backhaul_target_running",
+                                   target_id=str(s["id"]), node=s["address"],
+                                   path=str(slow)) == 1, 20, "the slow run to start")
+        q = srv.register(node, quick, every=600)  # due now, but no worker is free
+        m = srv.wait_for(lambda: (lambda m: m if value(m, "backhaul_scheduler_due_runs") >= 1
+                                  and value(m, "backhaul_scheduler_oldest_overdue_seconds") > 0
+                                  else None)(scrape(srv)), 10, "the waiting run")
+        assert value(m, "backhaul_runs_in_flight") == 1
+        assert value(m, "backhaul_target_running", target_id=str(q["id"]), node=q["address"],
+                     path=str(quick)) == 0
+
+        session = httpx.post(srv.url + "/login", data={"token": srv.token},
+                             timeout=10).cookies
+        progress = re.compile(r"running: (\d+(?:\.\d)?) (B|KiB|MiB)")
+        page = srv.wait_for(lambda: progress.search(httpx.get(
+            srv.url + "/", cookies=session, timeout=10).text), 20, "progress on the page")
+        assert float(page.group(1)) > 0
+        srv.wait_for(lambda: [r for r in srv.runs(q["id"]) if r["finished_at"]], 60,
+                     "the waiting run to run once the worker is free")
+        assert value(scrape(srv), "backhaul_scheduler_due_runs") == 0
+    finally:
+        srv.stop()
