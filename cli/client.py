@@ -269,7 +269,9 @@ class Client:
         every_minutes: int,
         keep: int = 10,
         host_key_fingerprint: str | None = None,
+        **options: Any,
     ) -> JSONDict:
+        """``options``: pre_command, post_command, pre_optional, ping_url (sent when given)."""
         body = {
             "host": host,
             "port": port,
@@ -278,8 +280,13 @@ class Client:
             "every_minutes": every_minutes,
             "keep": keep,
             "host_key_fingerprint": host_key_fingerprint,
+            **{k: v for k, v in options.items() if v is not None},
         }
         return self._json("POST", "/api/v1/targets", body=body)
+
+    def set_target_options(self, target_id: int, **options: Any) -> JSONDict:
+        """Change some of pre_command, post_command, pre_optional, ping_url ("" removes)."""
+        return self._json("PATCH", f"/api/v1/targets/{target_id}/options", body=options)
 
     def list_targets(self, **filters: Any) -> JSONDict:
         """Filters: host, port, user, path, all (True includes unregistered targets)."""

@@ -231,6 +231,18 @@ def main(ctx: click.Context, server: str, token: str | None, json_output: bool) 
     callback=_fingerprint,
     help="Pin the node's host key fingerprint now instead of on first contact.",
 )
+@click.option(
+    "--pre",
+    "pre_command",
+    metavar="CMD",
+    help="Run CMD on the node (sh -c, as given) before each backup; its failure fails the run.",
+)
+@click.option("--post", "post_command", metavar="CMD",
+              help="Run CMD on the node after each backup.")
+@click.option("--pre-optional", is_flag=True,
+              help="A failing --pre command does not fail the run.")
+@click.option("--ping-url", metavar="URL",
+              help="Healthchecks-style URL: pinged on success, URL/fail on failure.")
 @json_option
 @click.pass_obj
 def register(
@@ -240,10 +252,16 @@ def register(
     every_minutes: int,
     keep: int,
     host_key: str | None,
+    pre_command: str | None,
+    post_command: str | None,
+    pre_optional: bool,
+    ping_url: str | None,
 ) -> None:
     """Back up PATH on the node every MINUTES minutes."""
     answer = state.client().register(
-        address.host, address.port, address.user, path, every_minutes, keep, host_key
+        address.host, address.port, address.user, path, every_minutes, keep, host_key,
+        pre_command=pre_command, post_command=post_command,
+        pre_optional=pre_optional or None, ping_url=ping_url,
     )
     if state.json:
         _emit_json(answer)

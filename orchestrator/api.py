@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import validation
+from orchestrator import metrics, options_api, validation, web
 from orchestrator.errors import BackhaulError
 from orchestrator.server import Server, __version__
 from storage.catalog import Node, Target, format_address
@@ -43,6 +43,13 @@ class RegisterBody(BaseModel):
     keep: int = Field(10, description="archives to keep (>= 1)")
     host_key_fingerprint: str | None = Field(
         None, description="expected host key, SHA256:... as ssh-keygen -l prints it")
+    pre_command: str | None = Field(None, max_length=4096, description=(
+        "run on the node before the fingerprint (sh -c, as given); its failure fails the run"))
+    post_command: str | None = Field(None, max_length=4096,
+                                     description="run on the node after the backup")
+    pre_optional: bool = Field(False, description="a failing pre command does not fail the run")
+    ping_url: str | None = Field(None, max_length=2048, description=(
+        "Healthchecks-style URL: pinged on success, <url>/fail on failure"))
 
 
 class TrustBody(BaseModel):
@@ -214,8 +221,13 @@ def create_app(server: Server) -> FastAPI:
     def register(body: RegisterBody) -> dict[str, Any]:
         reg = server.register(host=body.host, port=body.port, user=body.user, path=body.path,
                               every_minutes=body.every_minutes, keep=body.keep,
-                              host_key_fingerprint=body.host_key_fingerprint)
-        return {"target": target_out(reg.target), "warnings": reg.warnings}
+                              host_key_fingerprint=body.host_key_fingerprint,
+                              options=body.model_dump(include={
+                                  "pre_command", "post_command", "pre_optional", "ping_url"},
+                                  exclude_unset=True))
+        return {"target": target_out(reg.target), "warnings": reg.warnings,
+                "options": options_api.options_json(
+                    server.catalog.target_options([reg.target.id]).get(reg.target.id))}
 
     @r.get("/targets", summary="targets with next and last run")
     def list_targets(host: str | None = None, port: OptPort = None,
@@ -287,4 +299,8 @@ def create_app(server: Server) -> FastAPI:
                             headers={"X-Backhaul-SHA256": a["sha256"]})
 
     app.include_router(r)
+    # Operators' views, each in its own module: /metrics and the status page.
+    app.include_router(metrics.router(server))
+    app.include_router(web.router(server))
+    app.include_router(options_api.router(server), dependencies=[Depends(require_token)])
     return app

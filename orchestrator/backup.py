@@ -26,6 +26,7 @@ from orchestrator.errors import (
     RemoteCommandFailed,
     RunInProgress,
 )
+from orchestrator.hooks import Hooks
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from storage.archives import ArchiveStore, node_dir_name, rotate
 from storage.catalog import Catalog, Target
@@ -86,7 +87,7 @@ class BackupEngine:
     def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
                  per_node: int = 2, max_runs: int = 8, stderr_limit: int = 64 * 1024,
                  throttle: Callable[[int], None] | None = None,
-                 use_pigz: bool = True) -> None:
+                 use_pigz: bool = True, hooks: Hooks | None = None) -> None:
         self.catalog = catalog
         self.store = store
         self.pool = pool
@@ -94,6 +95,7 @@ class BackupEngine:
         self.stderr_limit = stderr_limit
         self.throttle = throttle
         self.use_pigz = use_pigz
+        self.hooks = hooks  # the targets' pre/post commands (orchestrator/hooks.py)
         # Scheduled and manual runs together: the global concurrency bound.
         self._run_slots = threading.BoundedSemaphore(max_runs)
         self._lock = threading.Lock()
@@ -160,13 +162,34 @@ class BackupEngine:
             result = self._fail(target, run_id, "internal_error",
                                 f"{exc.__class__.__name__}: {exc}", wire.total())
         result = _with_duration(result, time.monotonic() - started)
-        log.info("run %s target %s %s %s: %s bytes=%d duration=%.2fs%s", run_id, target.id,
+        # A failure is logged once, at WARNING, with target, node and run id.
+        log.log(logging.WARNING if result.status == "failed" else logging.INFO,
+                "run %s target %s %s %s: %s bytes=%d duration=%.2fs%s", run_id, target.id,
                  node, target.path, result.status, result.bytes_transferred, result.duration,
                  f" error={result.error_code}: {result.message}" if result.error_code else "")
         return result
 
     def _backup(self, conn: Connection, target: Target, run_id: int,
                 wire: _Payload) -> RunResult:
+        options = self.hooks.options(target) if self.hooks is not None else None
+        if options is None:
+            return self._backup_tree(conn, target, run_id, wire)
+        assert self.hooks is not None
+        pre = self.hooks.pre(conn, target, options, run_id)  # before the fingerprint
+        if pre is not None:
+            wire.add(pre)
+        try:
+            return self._backup_tree(conn, target, run_id, wire)
+        finally:
+            # After the backup, also a failed one (a post command often undoes
+            # the pre command), unless the connection itself is gone.
+            if conn.alive:
+                post = self.hooks.post(conn, target, options, run_id)
+                if post is not None:
+                    wire.add(post)
+
+    def _backup_tree(self, conn: Connection, target: Target, run_id: int,
+                     wire: _Payload) -> RunResult:
         address = str(conn.node)
         fp_res = wire.add(conn.exec(remote.fingerprint_command(target.path),
                                     what="fingerprint"))

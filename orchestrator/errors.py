@@ -166,3 +166,26 @@ class RemoteCommandFailed(NodeError):
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
         super().__init__(f"{what} on {address} exited with status {exit_status}: {tail}")
         self.exit_status = exit_status
+
+
+# --- monitoring and hooks ---------------------------------------------------------
+
+
+class InvalidCommand(InvalidInput):
+    code = "invalid_command"
+
+
+class InvalidUrl(InvalidInput):
+    code = "invalid_url"
+
+
+class PreCommandFailed(NodeError):
+    """A target's pre command failed: the run fails, keeping its stderr."""
+
+    code = "pre_command_failed"
+
+    def __init__(self, address: str, exit_status: int, stderr: str) -> None:
+        what = ("timed out" if exit_status == 124 else f"exited with status {exit_status}")
+        super().__init__(f"pre command on {address} {what}"
+                         + (f": {stderr}" if stderr else " (no stderr)"))
+        self.exit_status = exit_status

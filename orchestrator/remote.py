@@ -115,20 +115,33 @@ def probe_command() -> str:
     return "echo backhaul-ok"
 
 
-def allowed_commands(paths: Iterable[str]) -> list[str]:
-    """Every command backhaul sends to a node that backs up ``paths``."""
+def hook_command(command: str, timeout: float) -> str:
+    """A target's pre/post command as the node runs it: the user's text, run
+    as given by ``sh -c`` (by design: it is the operator's own command), quoted
+    here as one argument, and killed by coreutils ``timeout`` after
+    ``timeout`` seconds (exit status 124)."""
+    return (f"exec timeout -k 10 {max(1, int(timeout))} /bin/sh -c "
+            f"{shlex.quote(command)} </dev/null")
+
+
+def allowed_commands(paths: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """Every command backhaul sends to a node that backs up ``paths``, plus
+    ``extra`` complete commands (the targets' hook commands)."""
     out = [probe_command(), has_pigz_command()]
     for p in sorted(set(paths)):
         out += [check_command(p), fingerprint_command(p), tar_command(p, pigz=False),
                 tar_command(p, pigz=True)]
-    return out
+    return out + sorted(set(extra))
 
 
-def restricted_key_line(public_line: str, paths: Iterable[str]) -> str:
+def restricted_key_line(public_line: str, paths: Iterable[str],
+                        extra: Iterable[str] = ()) -> str:
     """An authorized_keys line that lets the key run only backhaul's own
-    commands on ``paths``: the node's shell hashes the requested command and
-    runs it only when the hash is on the list (exact match, no parsing)."""
-    hashes = "|".join(hashlib.sha256(c.encode()).hexdigest() for c in allowed_commands(paths))
+    commands on ``paths`` (and the ``extra`` hook commands): the node's shell
+    hashes the requested command and runs it only when the hash is on the
+    list (exact match, no parsing)."""
+    hashes = "|".join(hashlib.sha256(c.encode()).hexdigest()
+                      for c in allowed_commands(paths, extra))
     guard = (
         "h=$(printf '%s' \"$SSH_ORIGINAL_COMMAND\" | sha256sum); "
         f"case \"${{h%% *}}\" in {hashes}) exec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\";; "

@@ -182,6 +182,21 @@ class Scheduler:
                     out[tid] = when
         return out
 
+    def overdue(self, now: dt.datetime) -> list[dt.datetime]:
+        """Due times of backup runs that should have started by ``now`` and have
+        not: stored jobs whose time has passed (the scheduler has not fired
+        them yet) and fired jobs still waiting for a free worker."""
+        with self.engine.connect() as conn:
+            stored = conn.execute(sa.text(
+                f"SELECT next_run_time FROM {TABLE} WHERE next_run_time <= :now AND "
+                "(id LIKE 'target:%' OR id LIKE 'retry:%' OR id LIKE 'recover:%')"),
+                {"now": now.timestamp()}).scalars().all()
+        out = [dt.datetime.fromtimestamp(ts, dt.UTC) for ts in stored]
+        with self._due_lock:
+            out += [due for (kind, _), queue in self._due.items() if kind != "probe"
+                    for due in queue if due <= now]
+        return out
+
     # -- retries and probes ------------------------------------------------------
 
     def _ids(self, prefix: str) -> list[str]:

@@ -32,12 +32,14 @@ from orchestrator.errors import (
     HostKeyMismatch,
     NodeError,
 )
+from orchestrator.hooks import Hooks, validate_command, validate_url
+from orchestrator.notify import Notifier, Sender
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
 from orchestrator.throttle import TokenBucket
 from storage.archives import ArchiveStore
-from storage.catalog import Catalog, Node, Target, utcnow
+from storage.catalog import Catalog, Node, Target, TargetOptions, utcnow
 from storage.errors import NotFound, StorageError, TargetExists
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,11 @@ class Server:
         self.engine = BackupEngine(self.catalog, self.store, self.pool,
                                    per_node=settings.per_node, max_runs=settings.workers,
                                    throttle=bucket.take if bucket else None,
-                                   use_pigz=settings.compressor == "auto")
+                                   use_pigz=settings.compressor == "auto",
+                                   hooks=Hooks(self.catalog, timeout=settings.hook_timeout))
+        self.sender = Sender(max_queue=settings.notify_queue)
+        self.notifier = Notifier(self.catalog, self.sender, settings.notify_url,
+                                 repeat_seconds=settings.notify_repeat, clock=clock)
         self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
                                    minute_seconds=settings.minute_seconds)
         self.manual = ThreadPoolExecutor(max_workers=settings.workers,
@@ -111,6 +117,7 @@ class Server:
         self._restore_retries()
         self._catch_up(listed)
         jobs.install(self)
+        self.sender.start()
         self.scheduler.resume()
         self._janitor = threading.Thread(target=self._janitor_loop, name="ssh-janitor",
                                          daemon=True)
@@ -139,6 +146,7 @@ class Server:
             while self.engine.in_flight() and time.monotonic() < deadline:
                 time.sleep(0.05)
         self.pool.close()
+        self.sender.stop()
         jobs.install(None)
         self.catalog.close()
         os.close(self._lock_fd)
@@ -254,6 +262,7 @@ class Server:
             return None
 
     def after_run(self, target: Target, result: RunResult) -> None:
+        self.notifier.after_run(target, result)
         if result.status in ("success", "unchanged"):
             if target.failures or target.next_retry_at:
                 self.scheduler.cancel_retry(target.id)
@@ -325,6 +334,7 @@ class Server:
                          node.address, exc.code, (when - self.clock()).total_seconds())
                 return
             self.catalog.node_reachable(node_id)
+            self.notifier.node_changed(node, True, known=node.reachable)
             overdue = self.catalog.overdue_targets(node_id)
             log.info("node %s is reachable again: running %d overdue targets", node.address,
                      len(overdue))
@@ -362,7 +372,8 @@ class Server:
 
     def register(self, *, host: str, port: int, user: str | None, path: str,
                  every_minutes: int, keep: int = 10,
-                 host_key_fingerprint: str | None = None) -> Registration:
+                 host_key_fingerprint: str | None = None,
+                 options: dict[str, Any] | None = None) -> Registration:
         host = validation.host(host)
         port = validation.port(port)
         user = validation.user(user if user else self.default_user)
@@ -371,6 +382,7 @@ class Server:
         keep = validation.keep(keep)
         if host_key_fingerprint is not None:
             host_key_fingerprint = validation.fingerprint(host_key_fingerprint)
+        options = validate_options(options or {})
 
         existing_nodes = self.catalog.find_node(user, host, port)
         if existing_nodes:
@@ -400,6 +412,8 @@ class Server:
                             "and backs up as soon as it answers")
 
         target = self.catalog.add_target(node.id, path, every_minutes, keep)
+        if options:
+            self.catalog.set_target_options(target.id, **options)
         if reachable and not warnings and node.reachable is not True:
             self.catalog.node_reachable(node.id)
         if reachable:
@@ -413,6 +427,11 @@ class Server:
         log.info("registered target %s: %s %s every %d min, keep %d", target.id,
                  node.address, path, every_minutes, keep)
         return Registration(self.catalog.get_target(target.id), warnings)
+
+    def set_target_options(self, target_id: int, **changes: Any) -> TargetOptions:
+        """Change a target's pre/post commands, ``pre_optional`` or ping URL
+        (what ``edit`` sets); a value of None or "" removes a command or URL."""
+        return self.catalog.set_target_options(target_id, **validate_options(changes))
 
     def _forget_node_if_new(self, node: Node, existing: list[Node]) -> None:
         if not existing:
@@ -459,8 +478,26 @@ class Server:
         matches = self.catalog.find_node(user, validation.host(host), validation.port(port))
         if not matches:
             raise NotFound("node", f"{user + '@' if user else ''}{host}:{port}")
-        paths = [t.path for n in matches for t in self.catalog.list_targets(node_id=n.id)]
-        return remote.restricted_key_line(line, paths)
+        targets = [t for n in matches for t in self.catalog.list_targets(node_id=n.id)]
+        hooks = [remote.hook_command(c, self.settings.hook_timeout)
+                 for o in self.catalog.target_options([t.id for t in targets]).values()
+                 for c in (o.pre_command, o.post_command) if c]
+        return remote.restricted_key_line(line, [t.path for t in targets], hooks)
+
+
+def validate_options(changes: dict[str, Any]) -> dict[str, Any]:
+    """Target options as given by the API, validated; unknown names refused."""
+    out: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in ("pre_command", "post_command"):
+            out[name] = validate_command(value, name.replace("_", " "))
+        elif name == "ping_url":
+            out[name] = validate_url(value)
+        elif name == "pre_optional":
+            out[name] = bool(value)
+        else:
+            raise ServerError(f"unknown target option {name!r}")
+    return out
 
 
 class TargetInactive(BackhaulError):

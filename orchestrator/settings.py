@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,28 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _urls(text: str) -> list[str]:
+    """Space- or comma-separated http(s) URLs (one flag may also be repeated)."""
+    out = []
+    for url in re.split(r"[\s,]+", text.strip()):
+        if not url:
+            continue
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        out.append(url)
+    return out
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
     default: str
     help: str
     parse: Callable[[str], Any] = str
+    # The flag may be given several times; the values are joined with spaces
+    # before ``parse`` (which then returns a list).
+    multiple: bool = False
 
     @property
     def flag(self) -> str:
@@ -106,6 +123,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "text", "log lines as `text` or `json`", _choice("text", "json")),
     Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR",
             _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("notify_url", "", "URL to POST a JSON notification to when a target fails "
+            "(first failure, then at most every `--notify-repeat`), recovers, or its node "
+            "becomes unreachable/reachable; repeat the flag, or space/comma-separate in the "
+            "env var", _urls, multiple=True),
+    Setting("notify_repeat", "3600", "seconds before a target that keeps failing is "
+            "notified again", _positive_float),
+    Setting("notify_queue", "1000", "notifications waiting to be sent; beyond that new ones "
+            "are dropped (and logged) so a dead receiver never holds up backups",
+            _positive_int),
+    Setting("hook_timeout", "3600", "seconds a target's pre or post command may run on the "
+            "node before it is killed and counts as failed", _positive_float),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -143,6 +171,8 @@ class Settings:
         values: dict[str, Any] = {}
         for s in SETTINGS:
             raw = args.get(s.name)
+            if isinstance(raw, list):  # a repeated flag
+                raw = " ".join(raw)
             source = s.flag
             if raw is None:
                 raw, source = env.get(s.env), s.env
@@ -170,5 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     for s in SETTINGS:
         parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(),
+                            action="append" if s.multiple else "store",
                             help=f"{s.help} (env {s.env}, default {s.default or 'empty'})")
     return parser

@@ -14,6 +14,11 @@ command -v gzip >/dev/null 2>&1 || need+=(gzip)
 command -v pigz >/dev/null 2>&1 || need+=(pigz)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+# Real servers the monitoring tests run: Prometheus (with promtool) and a
+# headless Chromium for the status page.
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

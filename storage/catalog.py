@@ -146,6 +146,33 @@ sa.Index("ix_archives_retained", archives.c.target_id,
          sqlite_where=archives.c.deleted_at.is_(None),
          postgresql_where=archives.c.deleted_at.is_(None))
 
+# Per-target hooks and monitoring, set at registration (later by edit). A table
+# of its own rather than new target columns: an existing catalog gains it from
+# create_all, without a migration. The commands are user text stored as bound
+# parameters; remote.py alone quotes them for the node's shell.
+target_options = sa.Table(
+    "target_options",
+    metadata,
+    sa.Column("target_id", sa.Integer, sa.ForeignKey("targets.id"), primary_key=True),
+    sa.Column("pre_command", sa.Text),
+    sa.Column("post_command", sa.Text),
+    sa.Column("pre_optional", sa.Boolean, nullable=False, default=False),
+    sa.Column("ping_url", sa.Text),
+)
+
+# The metrics scrape counts runs per (target, status) and finds each target's
+# newest good run: an index answers both without reading the run rows.
+ix_runs_target_status = sa.Index("ix_runs_target_status", runs.c.target_id, runs.c.status,
+                                 runs.c.id)
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    pre_command: str | None = None
+    post_command: str | None = None
+    pre_optional: bool = False
+    ping_url: str | None = None
+
 
 @dataclass(frozen=True)
 class Node:
@@ -261,6 +288,8 @@ class Catalog:
                 raise CatalogError(
                     f"catalog schema version {found} is newer than this backhaul "
                     f"({SCHEMA_VERSION}); upgrade backhaul")
+            # create_all adds no index to a table that already exists
+            ix_runs_target_status.create(conn, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -449,6 +478,37 @@ class Catalog:
                     "archives_kept": r.archives_kept or 0, "bytes_kept": r.bytes_kept or 0,
                 }
         return out
+
+    def set_target_options(self, target_id: int, **changes: Any) -> TargetOptions:
+        """Change some of a target's options (``pre_command``, ``post_command``,
+        ``pre_optional``, ``ping_url``); the others keep their values."""
+        unknown = set(changes) - set(TargetOptions.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown target options: {sorted(unknown)}")
+        with self._tx() as conn:
+            if conn.execute(sa.select(targets.c.id).where(targets.c.id == target_id)).first() \
+                    is None:
+                raise NotFound("target", target_id)
+            row = conn.execute(sa.select(target_options)
+                               .where(target_options.c.target_id == target_id)).first()
+            if row is None:
+                values = {**TargetOptions().__dict__, **changes}
+                conn.execute(target_options.insert().values(target_id=target_id, **values))
+            elif changes:
+                conn.execute(target_options.update()
+                             .where(target_options.c.target_id == target_id).values(**changes))
+        return self.target_options([target_id]).get(target_id, TargetOptions())
+
+    def target_options(self, target_ids: list[int] | None = None) -> dict[int, TargetOptions]:
+        """Options of the given targets (all when None); a target without a row
+        has the defaults and is left out."""
+        q = sa.select(target_options)
+        if target_ids is not None:
+            q = q.where(target_options.c.target_id.in_(target_ids))
+        with self._tx(write=False) as conn:
+            return {r.target_id: TargetOptions(r.pre_command, r.post_command,
+                                               bool(r.pre_optional), r.ping_url)
+                    for r in conn.execute(q)}
 
     def unregister_target(self, target_id: int) -> Target:
         with self._tx() as conn:

@@ -57,6 +57,9 @@ OPERATIONS: list[tuple[str, str, str | None]] = [
     ("get", "/api/v1/runs", None),
     ("get", "/api/v1/archives/{archive_id}", None),
     ("get", "/api/v1/archives/{archive_id}/download", None),
+    ("get", "/metrics", None),
+    ("get", "/api/v1/targets/{target_id}/options", None),
+    ("patch", "/api/v1/targets/{target_id}/options", None),
 ]
 
 
