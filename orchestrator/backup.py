@@ -26,10 +26,13 @@ from orchestrator.errors import (
     RemoteCommandFailed,
     RunInProgress,
 )
+from orchestrator.limits import Deadline, RunLimits
+from orchestrator.sanitize import escape_controls
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from storage.archives import ArchiveStore, node_dir_name, rotate
 from storage.catalog import Catalog, Target
-from storage.errors import StorageError
+from storage.errors import ArchiveTooLarge, StorageError
+from storage.limits import format_size
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,9 @@ class BackupEngine:
     def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
                  per_node: int = 2, max_runs: int = 8, stderr_limit: int = 64 * 1024,
                  throttle: Callable[[int], None] | None = None,
-                 use_pigz: bool = True) -> None:
+                 use_pigz: bool = True, limits: RunLimits | None = None) -> None:
         self.catalog = catalog
+        self.limits = limits or RunLimits()
         self.store = store
         self.pool = pool
         self.per_node = per_node
@@ -145,9 +149,10 @@ class BackupEngine:
         started = time.monotonic()
         run_id = self.catalog.start_run(target.id, trigger, scheduled_at)
         wire = _Payload()
+        deadline = self.limits.deadline()
         try:
             with self.pool.session(node) as conn:
-                result = self._backup(conn, target, run_id, wire)
+                result = self._backup(conn, target, run_id, wire, deadline)
             self._mark_reachable(target)
         except BackhaulError as exc:
             result = self._fail(target, run_id, exc.code, exc.message, wire.total(),
@@ -166,35 +171,41 @@ class BackupEngine:
         return result
 
     def _backup(self, conn: Connection, target: Target, run_id: int,
-                wire: _Payload) -> RunResult:
+                wire: _Payload, deadline: Deadline | None = None) -> RunResult:
         address = str(conn.node)
         fp_res = wire.add(conn.exec(remote.fingerprint_command(target.path),
-                                    what="fingerprint"))
+                                    what="fingerprint", deadline=deadline))
         _check_status(fp_res.exit_status, fp_res.stderr_text, address, target.path,
                       "fingerprint", ok=(0,))
         fingerprint = remote.parse_fingerprint(fp_res.stdout)
         if fingerprint is None:
             raise RemoteCommandFailed(address, "fingerprint", fp_res.exit_status,
-                                      "output is not a sha256 digest: "
-                                      + fp_res.stdout[:80].decode("utf-8", "replace"))
+                                      "output is not a sha256 digest: " + escape_controls(
+                                          fp_res.stdout[:80].decode("utf-8", "replace")))
         if fingerprint == target.last_fingerprint:
             self.catalog.finish_unchanged(run_id, target.id, fingerprint, wire.total())
             return RunResult(run_id, target.id, "unchanged", wire.total())
 
-        pigz = self.use_pigz and conn.has_pigz()
+        pigz = self.use_pigz and conn.has_pigz(deadline)
         node_dir = node_dir_name(target.node.user, target.node.host, target.node.port)
         created_at = self.catalog.clock()
-        verifier = TarGzVerifier(posixpath.basename(target.path))
+        limits = self.limits.archive
+        verifier = TarGzVerifier(posixpath.basename(target.path), limits)
         with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
 
             def sink(data: bytes) -> None:
+                if limits.max_archive_size and writer.size + len(data) > limits.max_archive_size:
+                    raise ArchiveTooLarge(
+                        f"the archive grew past {format_size(limits.max_archive_size)} "
+                        "(--max-archive-size); nothing was kept")
                 if self.throttle is not None:
                     self.throttle(len(data))
                 verifier.feed(data)
                 writer.write(data)
 
             res = wire.add(conn.exec(remote.tar_command(target.path, pigz=pigz), sink=sink,
-                                     what="tar", stderr_limit=self.stderr_limit))
+                                     what="tar", stderr_limit=self.stderr_limit,
+                                     deadline=deadline))
             _check_status(res.exit_status, res.stderr_text, address, target.path, "tar",
                           ok=(0, TAR_WARNINGS_EXIT))
             if res.stdout_bytes == 0:
@@ -240,14 +251,16 @@ class BackupEngine:
     def check_path(self, node: NodeAddress, path: str) -> None:
         """Raise unless ``path`` exists and is readable on the node (registration)."""
         with self.pool.session(node) as conn:
-            res = conn.exec(remote.check_command(path), what="path check")
+            res = conn.exec(remote.check_command(path), what="path check",
+                            deadline=self.limits.deadline())
             _check_status(res.exit_status, res.stderr_text, str(node), path, "path check",
                           ok=(0,))
 
     def probe(self, node: NodeAddress) -> None:
         """Connect (banner, host key, auth) and run a no-op; raise on failure."""
         with self.pool.session(node) as conn:
-            res = conn.exec(remote.probe_command(), what="probe")
+            res = conn.exec(remote.probe_command(), what="probe",
+                            deadline=self.limits.deadline())
             if res.exit_status != 0:
                 raise RemoteCommandFailed(str(node), "probe", res.exit_status, res.stderr_text)
 

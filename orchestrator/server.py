@@ -32,6 +32,7 @@ from orchestrator.errors import (
     HostKeyMismatch,
     NodeError,
 )
+from orchestrator.limits import run_limits
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
@@ -67,14 +68,16 @@ class Server:
         self.store = ArchiveStore(self.data_dir / "archives")
         self.key = ServerKey(self.data_dir / "ssh" / "id_ed25519",
                              comment=f"backhaul@{os.uname().nodename}")
+        limits = run_limits(settings)
         self.pool = SSHPool(self.key, CatalogHostKeys(self.catalog),
                             connect_timeout=settings.connect_timeout,
-                            io_timeout=settings.io_timeout, idle_timeout=settings.idle_timeout)
+                            io_timeout=settings.io_timeout, idle_timeout=settings.idle_timeout,
+                            output_limit=limits.command_output)
         bucket = TokenBucket(settings.bwlimit) if settings.bwlimit else None
         self.engine = BackupEngine(self.catalog, self.store, self.pool,
                                    per_node=settings.per_node, max_runs=settings.workers,
                                    throttle=bucket.take if bucket else None,
-                                   use_pigz=settings.compressor == "auto")
+                                   use_pigz=settings.compressor == "auto", limits=limits)
         self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
                                    minute_seconds=settings.minute_seconds)
         self.manual = ThreadPoolExecutor(max_workers=settings.workers,
