@@ -646,11 +646,12 @@ def run_hostile(report: dict, *, fuzz_examples: int = 15) -> None:
             except ImportError:
                 fuzz_note = "schemathesis not installed: fuzz skipped"
             else:
-                schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+                auth = {"Authorization": f"Bearer {srv.token}"}
+                schema = schemathesis.openapi.from_url(srv.url + "/openapi.json", headers=auth)
                 for op in schema.get_all_operations():
                     fuzz.add(fuzz_operation(op.ok(), srv.url, srv.token,
                                             max_examples=fuzz_examples))
-                openapi = httpx.get(srv.url + "/openapi.json").json()
+                openapi = httpx.get(srv.url + "/openapi.json", headers=auth).json()
                 for method, path in operations(openapi):
                     fuzz.add(boundary_operation(openapi, method, path, srv.url, srv.token))
         canaries = find_canaries(tag, *canary_dirs(root))

@@ -8,6 +8,7 @@ records the run and the new fingerprint; rotation runs only after that commit.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import posixpath
 import threading
@@ -30,7 +31,7 @@ from orchestrator.limits import Deadline, RunLimits
 from orchestrator.sanitize import escape_controls
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from storage.archives import ArchiveStore, node_dir_name, rotate
-from storage.catalog import Catalog, Target
+from storage.catalog import Catalog, Node, Target
 from storage.errors import ArchiveTooLarge, StorageError
 from storage.limits import format_size
 from storage.verify import TarGzVerifier
@@ -43,7 +44,12 @@ TAR_WARNINGS_EXIT = 1  # GNU tar: some files changed or vanished while read
 class CatalogHostKeys:
     """Host keys pinned in the catalog, like OpenSSH's ``accept-new``: the first
     key seen is recorded, a different one later is refused and never replaced
-    silently. A fingerprint given at registration is enforced from the start."""
+    silently. A fingerprint given at registration is enforced from the start.
+
+    A host key belongs to host:port, not to a login: every node row on the
+    same host:port (any user; an IPv4-mapped IPv6 address counts as its IPv4
+    address) must agree with the key offered, so a second user name cannot
+    pin a second key. ``trust`` is the only way to change it."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -53,15 +59,37 @@ class CatalogHostKeys:
         if not found:
             raise HostKeyMismatch(str(node), "(node not registered)", fingerprint)
         row = found[0]
+        for other in same_endpoint(self.catalog, node.host, node.port):
+            pinned = other.host_key_b64 is not None and other.host_key_b64 != key_b64
+            expected = other.host_key_b64 is None and \
+                other.host_key_fingerprint not in (None, fingerprint)
+            if pinned or expected:
+                raise HostKeyMismatch(
+                    str(node) if other.id == row.id else f"{node} (pinned for {other.address})",
+                    other.host_key_fingerprint or "?", fingerprint)
         if row.host_key_b64 is None:
-            if row.host_key_fingerprint not in (None, fingerprint):
-                raise HostKeyMismatch(str(node), row.host_key_fingerprint, fingerprint)
             if self.catalog.pin_host_key(row.id, key_type, key_b64, fingerprint):
                 log.info("pinned host key of %s: %s %s", node, key_type, fingerprint)
                 return
             row = self.catalog.get_node(row.id)  # pinned concurrently: compare with it
         if row.host_key_b64 != key_b64:
             raise HostKeyMismatch(str(node), row.host_key_fingerprint or "?", fingerprint)
+
+
+def same_endpoint(catalog: Catalog, host: str, port: int) -> list[Node]:
+    """Every node row reaching ``host:port``, whatever its user, including rows
+    stored before IPv4-mapped IPv6 addresses were written as IPv4."""
+    spellings = {host}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip
+        if isinstance(v4, ipaddress.IPv4Address):
+            mapped = ipaddress.IPv6Address("::ffff:" + str(v4))
+            spellings |= {str(v4), str(mapped), f"::ffff:{v4}"}
+    return [n for h in sorted(spellings) for n in catalog.find_node(None, h, port)]
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import jobs, remote, validation
-from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult
+from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult, same_endpoint
 from orchestrator.errors import (
     AuthFailed,
     BackhaulError,
     CommandRefused,
     HostKeyMismatch,
+    InvalidInput,
     NodeError,
 )
 from orchestrator.limits import run_limits
@@ -38,7 +39,7 @@ from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
 from orchestrator.throttle import TokenBucket
 from storage.archives import ArchiveStore
-from storage.catalog import Catalog, Node, Target, utcnow
+from storage.catalog import Catalog, Node, Target, format_address, utcnow
 from storage.errors import NotFound, StorageError, TargetExists
 
 log = logging.getLogger(__name__)
@@ -381,10 +382,12 @@ class Server:
                 raise TargetExists(t.node.address, path, t.id)
         node = self.catalog.ensure_node(user, host, port)
         if host_key_fingerprint is not None:
-            if node.host_key_b64 is not None and node.host_key_fingerprint != \
-                    host_key_fingerprint:
-                raise HostKeyMismatch(node.address, node.host_key_fingerprint or "?",
-                                      host_key_fingerprint)
+            for other in same_endpoint(self.catalog, host, port):
+                if other.host_key_b64 is not None and other.host_key_fingerprint != \
+                        host_key_fingerprint:
+                    self._forget_node_if_new(node, existing_nodes)
+                    raise HostKeyMismatch(other.address, other.host_key_fingerprint or "?",
+                                          host_key_fingerprint)
             self.catalog.set_host_key_expected(node.id, host_key_fingerprint)
 
         warnings: list[str] = []
@@ -441,13 +444,15 @@ class Server:
         if fingerprint is not None:
             fingerprint = validation.fingerprint(fingerprint)
         node = self.catalog.get_node(node_id)
-        self.catalog.expect_host_key(node_id, fingerprint)
-        self.pool.discard(NodeAddress(node.user, node.host, node.port))
-        log.warning("host key of %s forgotten (was %s)%s", node.address,
-                    node.host_key_fingerprint,
-                    f"; only {fingerprint} will be accepted" if fingerprint else "")
-        for t in self.catalog.overdue_targets(node_id):
-            self.scheduler.recover_now(t.id)
+        # The key is pinned per host:port: forget it for every user there.
+        for other in same_endpoint(self.catalog, node.host, node.port):
+            self.catalog.expect_host_key(other.id, fingerprint)
+            self.pool.discard(NodeAddress(other.user, other.host, other.port))
+            log.warning("host key of %s forgotten (was %s)%s", other.address,
+                        other.host_key_fingerprint,
+                        f"; only {fingerprint} will be accepted" if fingerprint else "")
+            for t in self.catalog.overdue_targets(other.id):
+                self.scheduler.recover_now(t.id)
         return self.catalog.get_node(node_id)
 
     def authorized_keys_line(self, *, restricted: bool, host: str | None = None,
@@ -458,10 +463,21 @@ class Server:
         if not restricted:
             return line
         if host is None:
-            return "restrict " + line
-        matches = self.catalog.find_node(user, validation.host(host), validation.port(port))
+            # ``restrict`` alone forbids forwarding and ptys but lets the key run
+            # any command: not what a user asking for a restricted key expects.
+            raise InvalidInput("a restricted line is made for one node: name it "
+                               "(backhaul pubkey --restricted USER@HOST:PORT); without a "
+                               "node's paths the key could still run any command")
+        # The line goes into one user's authorized_keys: only that user's paths,
+        # the server's default user when none is named (as in `register`).
+        user = validation.user(user or self.default_user)
+        host, port = validation.host(host), validation.port(port)
+        matches = self.catalog.find_node(user, host, port)
         if not matches:
-            raise NotFound("node", f"{user + '@' if user else ''}{host}:{port}")
+            others = sorted(n.user for n in self.catalog.find_node(None, host, port))
+            raise NotFound("node", format_address(user, host, port)
+                           + (f" (registered there: {', '.join(others)}; name one as "
+                              "USER@HOST:PORT)" if others else ""))
         paths = [t.path for n in matches for t in self.catalog.list_targets(node_id=n.id)]
         return remote.restricted_key_line(line, paths)
 
