@@ -242,3 +242,92 @@ def test_listening_on_loopback_does_not_warn(host: str) -> None:
 def test_a_loopback_server_logs_no_exposure_warning(live: LiveServer) -> None:
     assert "beyond loopback" not in live.log()
     assert "API listening on http://127.0.0.1" in live.log()
+
+
+# -- 5. host keys belong to host:port --------------------------------------------------------
+
+
+def _replace_host_key(sshd: SSHD) -> tuple[str, str]:
+    old = sshd.host_key_fingerprint
+    sshd.regenerate_host_key()
+    sshd.kill_sessions()
+    sshd.restart()
+    return old, sshd.host_key_fingerprint
+
+
+def test_another_user_on_the_same_host_port_cannot_pin_another_key(
+        eng: Engine, server_key: ServerKey, tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "f").write_text("x")
+    with SSHD(tmp_path / "node", [server_key.public_line], host="127.0.0.11") as sshd:
+        mine = eng.register(sshd, app)
+        assert eng.engine.run(mine.id).status == "success"
+        old, new = _replace_host_key(sshd)
+        ghost = eng.catalog.ensure_node("ghost", sshd.host, sshd.port)
+        target = eng.catalog.add_target(ghost.id, str(app), 5, 10)
+        result = eng.engine.run(target.id)
+        assert result.error_code == "host_key_mismatch", result
+        assert old in result.message and new in result.message
+        assert eng.catalog.get_node(ghost.id).host_key_b64 is None
+
+
+def test_an_ipv4_mapped_address_is_the_same_host(eng: Engine, server_key: ServerKey,
+                                                 tmp_path: Path) -> None:
+    """A row written as ::ffff:a.b.c.d (as registration stored it before) is
+    held to the key pinned for a.b.c.d."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "f").write_text("x")
+    with SSHD(tmp_path / "node", [server_key.public_line], host="127.0.0.12") as sshd:
+        mine = eng.register(sshd, app)
+        assert eng.engine.run(mine.id).status == "success"
+        _replace_host_key(sshd)
+        mapped = eng.catalog.ensure_node(sshd.user, f"::ffff:{sshd.host}", sshd.port)
+        target = eng.catalog.add_target(mapped.id, str(app), 5, 10)
+        result = eng.engine.run(target.id)
+        assert result.error_code == "host_key_mismatch", result
+        assert eng.catalog.list_archives(target.id) == []
+
+
+def test_registration_writes_a_mapped_address_as_ipv4(live: LiveServer, node: SSHD,
+                                                      tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    first = live.register(node, app, every=60)
+    r = live.api("POST", "/targets", json={"host": f"::ffff:{node.host}", "port": node.port,
+                                           "user": node.user, "path": str(app),
+                                           "every_minutes": 60})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "target_exists", r.text
+    assert f"(target {first['id']})" in r.json()["error"]["message"]
+
+
+def test_trust_changes_the_pin_for_every_user_on_the_host_port(
+        server_key: ServerKey, tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "f").write_text("x")
+    with SSHD(tmp_path / "node", [server_key.public_line], host="127.0.0.13") as sshd:
+        srv = LiveServer(tmp_path / "srv", server_key).start()
+        try:
+            t = srv.register(sshd, app, every=60)
+            srv.wait_for(lambda: srv.runs(t["id"]), 15, "the first run")
+            r = srv.api("POST", "/targets", json={"host": sshd.host, "port": sshd.port,
+                                                  "user": "ghost", "path": str(app),
+                                                  "every_minutes": 60})
+            assert r.status_code == 201, r.text  # auth fails: registered with a warning
+            old, new = _replace_host_key(sshd)
+            run = srv.api("POST", f"/targets/{t['id']}/run", params={"wait": "true"}).json()
+            assert run["run"]["error_code"] == "host_key_mismatch"
+            address = f"{sshd.user}@{sshd.host}:{sshd.port}"
+            res = CliRunner().invoke(cli_main, ["--server", srv.url, "--token", srv.token,
+                                                "trust", address, "--fingerprint", new])
+            assert res.exit_code == 0, res.output
+            (app / "g").write_text("changed")
+            run = srv.api("POST", f"/targets/{t['id']}/run", params={"wait": "true"}).json()
+            assert run["run"]["status"] in ("success", "unchanged"), run
+            nodes = srv.api("GET", "/nodes").json()["nodes"]
+            assert {n["user"]: n["host_key_fingerprint"] for n in nodes} == {
+                sshd.user: new, "ghost": new}
+        finally:
+            srv.stop()
