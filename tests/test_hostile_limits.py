@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Engine, LiveServer
 
-from fixtures.sshd.launcher import SSHD
+from fixtures.hostile_node import HostileNode
 from orchestrator.backup import BackupEngine, CatalogHostKeys
 from orchestrator.limits import RunLimits
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
@@ -33,64 +33,19 @@ from storage.verify import BoundedInflater, TarGzVerifier
 
 pytestmark = pytest.mark.timeout(120)
 
-NODE_SCRIPT = """#!/bin/sh
-# A hostile node: plays backhaul's commands; <kind>.sh beside it overrides one.
-dir={dir}
-case "$SSH_ORIGINAL_COMMAND" in
-  *"command -v pigz"*) kind=pigz ;;
-  *sha256sum*) kind=fingerprint ;;
-  *"tar "*) kind=tar ;;
-  *"echo backhaul-ok"*) kind=probe ;;
-  *"exit 0") kind=check ;;
-  *) kind=other ;;
-esac
-if [ -f "$dir/$kind.sh" ]; then exec /bin/sh "$dir/$kind.sh"; fi
-case $kind in
-  pigz) echo no ;;
-  fingerprint) printf '%s  -\\n' "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')" ;;
-  tar) cat "$dir/payload.bin" ;;
-  probe) echo backhaul-ok ;;
-  check) exit 0 ;;
-  *) echo "hostile node: unexpected command" >&2; exit 127 ;;
-esac
-"""
-
-KINDS = ("pigz", "fingerprint", "tar", "probe", "check")
-
-
-class HostileNode:
-    def __init__(self, sshd: SSHD, work: Path) -> None:
-        self.sshd, self.work = sshd, work
-
-    def answer(self, kind: str, script: str) -> None:
-        (self.work / f"{kind}.sh").write_text(script)
-
-    def payload(self, data: bytes) -> None:
-        (self.work / "payload.bin").write_bytes(data)
-
-    def reset(self) -> None:
-        for kind in KINDS:
-            (self.work / f"{kind}.sh").unlink(missing_ok=True)
-        self.payload(good_archive())
-
-
 @pytest.fixture(scope="module")
 def hostile_sshd(tmp_path_factory: pytest.TempPathFactory,
                  server_key: ServerKey) -> Iterator[HostileNode]:
-    work = tmp_path_factory.mktemp("hostile-limits")
-    script = work / "answer.sh"
-    script.write_text(NODE_SCRIPT.format(dir=work))
-    script.chmod(0o755)
-    line = f'command="{script}",no-pty,no-port-forwarding {server_key.public_line}'
-    with SSHD(work / "sshd", [line], host="127.0.0.6") as sshd:
-        yield HostileNode(sshd, work)
+    with HostileNode(tmp_path_factory.mktemp("hostile-limits"), server_key.public_line,
+                     host="127.0.0.6") as node:
+        yield node
 
 
 @pytest.fixture
 def hnode(hostile_sshd: HostileNode) -> Iterator[HostileNode]:
-    hostile_sshd.reset()
+    hostile_sshd.reset(good_archive())
     yield hostile_sshd
-    hostile_sshd.reset()
+    hostile_sshd.reset(good_archive())
 
 
 def limited_engine(data: Path, key: ServerKey, limits: RunLimits, *,
