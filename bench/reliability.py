@@ -336,6 +336,8 @@ def render(report: dict[str, Any]) -> str:
                      f"{h.get('server_errors_5xx')} 5xx, {h.get('canaries_triggered')} canaries",
                      not h.get("server_errors_5xx") and not h.get("canaries_triggered")
                      and not h.get("accepted_then_broken")))
+        from bench.reliability_bounds import rows as bound_rows
+        rows += bound_rows(report["hostile"])
         rows.append(("API fuzz (schemathesis)",
                      f"{f.get('requests')} requests, {f.get('server_errors_5xx')} 5xx, "
                      f"{f.get('bad_error_shape')} answers outside the error shape",

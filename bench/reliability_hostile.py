@@ -646,14 +646,17 @@ def run_hostile(report: dict, *, fuzz_examples: int = 15) -> None:
             except ImportError:
                 fuzz_note = "schemathesis not installed: fuzz skipped"
             else:
-                schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+                auth = {"Authorization": f"Bearer {srv.token}"}
+                schema = schemathesis.openapi.from_url(srv.url + "/openapi.json", headers=auth)
                 for op in schema.get_all_operations():
                     fuzz.add(fuzz_operation(op.ok(), srv.url, srv.token,
                                             max_examples=fuzz_examples))
-                openapi = httpx.get(srv.url + "/openapi.json").json()
+                openapi = httpx.get(srv.url + "/openapi.json", headers=auth).json()
                 for method, path in operations(openapi):
                     fuzz.add(boundary_operation(openapi, method, path, srv.url, srv.token))
         canaries = find_canaries(tag, *canary_dirs(root))
+    from bench.reliability_bounds import run_bounds
+    run_bounds(report)  # fills report["bounds"]: RSS under attack, the trickle's end
     report["hostile_input"] = {
         "tried": len(outcomes),
         "refused_4xx": sum(o.refused for o in outcomes),
@@ -688,6 +691,9 @@ def format_table(report: dict) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{name:<{width}}  {value:>6}" for name, value in rows]
+    from bench.reliability_bounds import rows as bound_rows
+    lines += [f"{what}: {figure} [{'ok' if ok else 'FAIL'}]"
+              for what, figure, ok in bound_rows(report)]
     for name, problems in h["broken"].items():
         lines.append(f"broken: {name}: {'; '.join(problems)[:160]}")
     for problem in f["problems"]:

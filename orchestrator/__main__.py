@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from orchestrator.sanitize import SafeFormatter
 from orchestrator.settings import Settings, build_parser
 
 
@@ -25,7 +27,7 @@ def setup_logging(fmt: str, level: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -44,10 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         build_parser().error(str(exc))
     setup_logging(settings.log_format, settings.log_level)
+    # Everything backhauld creates (catalog, job store, archives, their
+    # directories, SQLite's -wal/-shm files) is private to its user.
+    os.umask(0o077)
 
     import uvicorn
 
     from orchestrator.api import create_app
+    from orchestrator.guard import listen_warning
     from orchestrator.server import Server, ServerError
 
     try:
@@ -57,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"backhauld: error: {exc.message}", file=sys.stderr)
         return 1
     host, port = settings.listen
+    exposed = listen_warning(host)
+    if exposed:
+        logging.getLogger(__name__).warning("%s", exposed)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_config=None,
                             access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     logging.getLogger(__name__).info("API listening on http://%s:%d (token in %s)",

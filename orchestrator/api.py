@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import metrics, options_api, validation, web
 from orchestrator.errors import BackhaulError
+from orchestrator.guard import RequestGuard
 from orchestrator.server import Server, __version__
 from storage.catalog import Node, Target, format_address
 from storage.errors import NotFound, StorageError, TargetExists
@@ -127,10 +128,17 @@ def run_json(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(server: Server) -> FastAPI:
+    # The schema is served below behind the token; /docs and /redoc are off
+    # (they load their scripts from a CDN and would show the API to anyone).
+    # No trailing-slash redirects: Starlette builds their Location from the
+    # request's Host header.
     app = FastAPI(title="backhauld", version=__version__,
                   description="backhaul's backup server API. Every route but /health needs "
                               "`Authorization: Bearer <token>` (the token is in "
-                              "<data-dir>/api-token).")
+                              "<data-dir>/api-token).",
+                  openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+    # Token and body size are checked before any body is read.
+    app.add_middleware(RequestGuard, token=server.token, error=_error)
     token = server.token.encode()
 
     def require_token(request: Request) -> None:
@@ -180,6 +188,10 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health", summary="liveness (no token)")
     def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     r = APIRouter(prefix=API, dependencies=[Depends(require_token)])
 

@@ -8,6 +8,7 @@ records the run and the new fingerprint; rotation runs only after that commit.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import posixpath
 import threading
@@ -27,10 +28,13 @@ from orchestrator.errors import (
     RunInProgress,
 )
 from orchestrator.hooks import Hooks
+from orchestrator.limits import Deadline, RunLimits
+from orchestrator.sanitize import escape_controls
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from storage.archives import ArchiveStore, node_dir_name, rotate
-from storage.catalog import Catalog, Target
-from storage.errors import StorageError
+from storage.catalog import Catalog, Node, Target
+from storage.errors import ArchiveTooLarge, StorageError
+from storage.limits import format_size
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,12 @@ TAR_WARNINGS_EXIT = 1  # GNU tar: some files changed or vanished while read
 class CatalogHostKeys:
     """Host keys pinned in the catalog, like OpenSSH's ``accept-new``: the first
     key seen is recorded, a different one later is refused and never replaced
-    silently. A fingerprint given at registration is enforced from the start."""
+    silently. A fingerprint given at registration is enforced from the start.
+
+    A host key belongs to host:port, not to a login: every node row on the
+    same host:port (any user; an IPv4-mapped IPv6 address counts as its IPv4
+    address) must agree with the key offered, so a second user name cannot
+    pin a second key. ``trust`` is the only way to change it."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -51,15 +60,37 @@ class CatalogHostKeys:
         if not found:
             raise HostKeyMismatch(str(node), "(node not registered)", fingerprint)
         row = found[0]
+        for other in same_endpoint(self.catalog, node.host, node.port):
+            pinned = other.host_key_b64 is not None and other.host_key_b64 != key_b64
+            expected = other.host_key_b64 is None and \
+                other.host_key_fingerprint not in (None, fingerprint)
+            if pinned or expected:
+                raise HostKeyMismatch(
+                    str(node) if other.id == row.id else f"{node} (pinned for {other.address})",
+                    other.host_key_fingerprint or "?", fingerprint)
         if row.host_key_b64 is None:
-            if row.host_key_fingerprint not in (None, fingerprint):
-                raise HostKeyMismatch(str(node), row.host_key_fingerprint, fingerprint)
             if self.catalog.pin_host_key(row.id, key_type, key_b64, fingerprint):
                 log.info("pinned host key of %s: %s %s", node, key_type, fingerprint)
                 return
             row = self.catalog.get_node(row.id)  # pinned concurrently: compare with it
         if row.host_key_b64 != key_b64:
             raise HostKeyMismatch(str(node), row.host_key_fingerprint or "?", fingerprint)
+
+
+def same_endpoint(catalog: Catalog, host: str, port: int) -> list[Node]:
+    """Every node row reaching ``host:port``, whatever its user, including rows
+    stored before IPv4-mapped IPv6 addresses were written as IPv4."""
+    spellings = {host}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip
+        if isinstance(v4, ipaddress.IPv4Address):
+            mapped = ipaddress.IPv6Address("::ffff:" + str(v4))
+            spellings |= {str(v4), str(mapped), f"::ffff:{v4}"}
+    return [n for h in sorted(spellings) for n in catalog.find_node(None, h, port)]
 
 
 @dataclass(frozen=True)
@@ -87,8 +118,10 @@ class BackupEngine:
     def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
                  per_node: int = 2, max_runs: int = 8, stderr_limit: int = 64 * 1024,
                  throttle: Callable[[int], None] | None = None,
-                 use_pigz: bool = True, hooks: Hooks | None = None) -> None:
+                 use_pigz: bool = True, hooks: Hooks | None = None,
+                 limits: RunLimits | None = None) -> None:
         self.catalog = catalog
+        self.limits = limits or RunLimits()
         self.store = store
         self.pool = pool
         self.per_node = per_node
@@ -147,9 +180,10 @@ class BackupEngine:
         started = time.monotonic()
         run_id = self.catalog.start_run(target.id, trigger, scheduled_at)
         wire = _Payload()
+        deadline = self.limits.deadline()
         try:
             with self.pool.session(node) as conn:
-                result = self._backup(conn, target, run_id, wire)
+                result = self._backup(conn, target, run_id, wire, deadline)
             self._mark_reachable(target)
         except BackhaulError as exc:
             result = self._fail(target, run_id, exc.code, exc.message, wire.total(),
@@ -170,16 +204,16 @@ class BackupEngine:
         return result
 
     def _backup(self, conn: Connection, target: Target, run_id: int,
-                wire: _Payload) -> RunResult:
+                wire: _Payload, deadline: Deadline | None = None) -> RunResult:
         options = self.hooks.options(target) if self.hooks is not None else None
         if options is None:
-            return self._backup_tree(conn, target, run_id, wire)
+            return self._backup_tree(conn, target, run_id, wire, deadline)
         assert self.hooks is not None
         pre = self.hooks.pre(conn, target, options, run_id)  # before the fingerprint
         if pre is not None:
             wire.add(pre)
         try:
-            return self._backup_tree(conn, target, run_id, wire)
+            return self._backup_tree(conn, target, run_id, wire, deadline)
         finally:
             # After the backup, also a failed one (a post command often undoes
             # the pre command), unless the connection itself is gone.
@@ -189,35 +223,41 @@ class BackupEngine:
                     wire.add(post)
 
     def _backup_tree(self, conn: Connection, target: Target, run_id: int,
-                     wire: _Payload) -> RunResult:
+                     wire: _Payload, deadline: Deadline | None = None) -> RunResult:
         address = str(conn.node)
         fp_res = wire.add(conn.exec(remote.fingerprint_command(target.path),
-                                    what="fingerprint"))
+                                    what="fingerprint", deadline=deadline))
         _check_status(fp_res.exit_status, fp_res.stderr_text, address, target.path,
                       "fingerprint", ok=(0,))
         fingerprint = remote.parse_fingerprint(fp_res.stdout)
         if fingerprint is None:
             raise RemoteCommandFailed(address, "fingerprint", fp_res.exit_status,
-                                      "output is not a sha256 digest: "
-                                      + fp_res.stdout[:80].decode("utf-8", "replace"))
+                                      "output is not a sha256 digest: " + escape_controls(
+                                          fp_res.stdout[:80].decode("utf-8", "replace")))
         if fingerprint == target.last_fingerprint:
             self.catalog.finish_unchanged(run_id, target.id, fingerprint, wire.total())
             return RunResult(run_id, target.id, "unchanged", wire.total())
 
-        pigz = self.use_pigz and conn.has_pigz()
+        pigz = self.use_pigz and conn.has_pigz(deadline)
         node_dir = node_dir_name(target.node.user, target.node.host, target.node.port)
         created_at = self.catalog.clock()
-        verifier = TarGzVerifier(posixpath.basename(target.path))
+        limits = self.limits.archive
+        verifier = TarGzVerifier(posixpath.basename(target.path), limits)
         with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
 
             def sink(data: bytes) -> None:
+                if limits.max_archive_size and writer.size + len(data) > limits.max_archive_size:
+                    raise ArchiveTooLarge(
+                        f"the archive grew past {format_size(limits.max_archive_size)} "
+                        "(--max-archive-size); nothing was kept")
                 if self.throttle is not None:
                     self.throttle(len(data))
                 verifier.feed(data)
                 writer.write(data)
 
             res = wire.add(conn.exec(remote.tar_command(target.path, pigz=pigz), sink=sink,
-                                     what="tar", stderr_limit=self.stderr_limit))
+                                     what="tar", stderr_limit=self.stderr_limit,
+                                     deadline=deadline))
             _check_status(res.exit_status, res.stderr_text, address, target.path, "tar",
                           ok=(0, TAR_WARNINGS_EXIT))
             if res.stdout_bytes == 0:
@@ -263,14 +303,16 @@ class BackupEngine:
     def check_path(self, node: NodeAddress, path: str) -> None:
         """Raise unless ``path`` exists and is readable on the node (registration)."""
         with self.pool.session(node) as conn:
-            res = conn.exec(remote.check_command(path), what="path check")
+            res = conn.exec(remote.check_command(path), what="path check",
+                            deadline=self.limits.deadline())
             _check_status(res.exit_status, res.stderr_text, str(node), path, "path check",
                           ok=(0,))
 
     def probe(self, node: NodeAddress) -> None:
         """Connect (banner, host key, auth) and run a no-op; raise on failure."""
         with self.pool.session(node) as conn:
-            res = conn.exec(remote.probe_command(), what="probe")
+            res = conn.exec(remote.probe_command(), what="probe",
+                            deadline=self.limits.deadline())
             if res.exit_status != 0:
                 raise RemoteCommandFailed(str(node), "probe", res.exit_status, res.stderr_text)
 

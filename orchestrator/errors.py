@@ -189,3 +189,25 @@ class PreCommandFailed(NodeError):
         super().__init__(f"pre command on {address} {what}"
                          + (f": {stderr}" if stderr else " (no stderr)"))
         self.exit_status = exit_status
+
+
+class OutputTooLarge(NodeError):
+    """A command whose answer is one short line printed more than the cap."""
+
+    code = "output_too_large"
+
+    def __init__(self, address: str, what: str, limit: int) -> None:
+        super().__init__(f"{what} on {address} printed more than {limit} bytes "
+                         "(--max-command-output); its answer is one short line, so the node "
+                         "is misbehaving; nothing was kept")
+
+
+class RunTimeout(NodeError):
+    """The run's wall-clock deadline passed (a node trickling its stream)."""
+
+    code = "run_timeout"
+    http_status = 504
+
+    def __init__(self, address: str, what: str, seconds: float) -> None:
+        super().__init__(f"{what} on {address} was still going when the run reached its "
+                         f"{seconds:g} s deadline (--run-timeout); nothing was kept")

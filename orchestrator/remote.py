@@ -24,6 +24,9 @@ REFUSED_MARK = "backhaul: command refused by the restricted key"
 
 MAX_PATH = 4096
 
+# The only environment an allowed command gets under the restricted key.
+CLEAN_PATH = "/usr/bin:/bin"
+
 # type, mode, owner, group, size, mtime, ctime (ns resolution), inode, link target,
 # path relative to the start point; NUL-terminated so any byte in a name is safe.
 FIND_FORMAT = r"%y %m %U %G %s %T@ %C@ %i %l %P\0"
@@ -139,12 +142,17 @@ def restricted_key_line(public_line: str, paths: Iterable[str],
     """An authorized_keys line that lets the key run only backhaul's own
     commands on ``paths`` (and the ``extra`` hook commands): the node's shell
     hashes the requested command and runs it only when the hash is on the
-    list (exact match, no parsing)."""
+    list (exact match, no parsing).
+
+    The allowed command runs with a clean environment: on a node whose sshd
+    accepts client variables (``AcceptEnv``), a client could otherwise send
+    ``TAR_OPTIONS=--checkpoint-action=exec=...`` with an allowed tar command."""
     hashes = "|".join(hashlib.sha256(c.encode()).hexdigest()
                       for c in allowed_commands(paths, extra))
     guard = (
         "h=$(printf '%s' \"$SSH_ORIGINAL_COMMAND\" | sha256sum); "
-        f"case \"${{h%% *}}\" in {hashes}) exec /bin/sh -c \"$SSH_ORIGINAL_COMMAND\";; "
+        f"case \"${{h%% *}}\" in {hashes}) "
+        f"exec env -i PATH={CLEAN_PATH} /bin/sh -c \"$SSH_ORIGINAL_COMMAND\";; "
         f"*) echo '{REFUSED_MARK}' >&2; exit {EXIT_REFUSED};; esac"
     )
     # authorized_keys takes a double quote inside command="..." as \"

@@ -24,22 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import jobs, remote, validation
-from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult
+from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult, same_endpoint
 from orchestrator.errors import (
     AuthFailed,
     BackhaulError,
     CommandRefused,
     HostKeyMismatch,
+    InvalidInput,
     NodeError,
 )
 from orchestrator.hooks import Hooks, validate_command, validate_url
+from orchestrator.limits import run_limits
 from orchestrator.notify import Notifier, Sender
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
 from orchestrator.throttle import TokenBucket
 from storage.archives import ArchiveStore
-from storage.catalog import Catalog, Node, Target, TargetOptions, utcnow
+from storage.catalog import Catalog, Node, Target, TargetOptions, format_address, utcnow
 from storage.errors import NotFound, StorageError, TargetExists
 
 log = logging.getLogger(__name__)
@@ -69,15 +71,18 @@ class Server:
         self.store = ArchiveStore(self.data_dir / "archives")
         self.key = ServerKey(self.data_dir / "ssh" / "id_ed25519",
                              comment=f"backhaul@{os.uname().nodename}")
+        limits = run_limits(settings)
         self.pool = SSHPool(self.key, CatalogHostKeys(self.catalog),
                             connect_timeout=settings.connect_timeout,
-                            io_timeout=settings.io_timeout, idle_timeout=settings.idle_timeout)
+                            io_timeout=settings.io_timeout, idle_timeout=settings.idle_timeout,
+                            output_limit=limits.command_output)
         bucket = TokenBucket(settings.bwlimit) if settings.bwlimit else None
         self.engine = BackupEngine(self.catalog, self.store, self.pool,
                                    per_node=settings.per_node, max_runs=settings.workers,
                                    throttle=bucket.take if bucket else None,
                                    use_pigz=settings.compressor == "auto",
-                                   hooks=Hooks(self.catalog, timeout=settings.hook_timeout))
+                                   hooks=Hooks(self.catalog, timeout=settings.hook_timeout),
+                                   limits=limits)
         self.sender = Sender(max_queue=settings.notify_queue)
         self.notifier = Notifier(self.catalog, self.sender, settings.notify_url,
                                  repeat_seconds=settings.notify_repeat, clock=clock)
@@ -390,10 +395,12 @@ class Server:
                 raise TargetExists(t.node.address, path, t.id)
         node = self.catalog.ensure_node(user, host, port)
         if host_key_fingerprint is not None:
-            if node.host_key_b64 is not None and node.host_key_fingerprint != \
-                    host_key_fingerprint:
-                raise HostKeyMismatch(node.address, node.host_key_fingerprint or "?",
-                                      host_key_fingerprint)
+            for other in same_endpoint(self.catalog, host, port):
+                if other.host_key_b64 is not None and other.host_key_fingerprint != \
+                        host_key_fingerprint:
+                    self._forget_node_if_new(node, existing_nodes)
+                    raise HostKeyMismatch(other.address, other.host_key_fingerprint or "?",
+                                          host_key_fingerprint)
             self.catalog.set_host_key_expected(node.id, host_key_fingerprint)
 
         warnings: list[str] = []
@@ -457,13 +464,15 @@ class Server:
         if fingerprint is not None:
             fingerprint = validation.fingerprint(fingerprint)
         node = self.catalog.get_node(node_id)
-        self.catalog.expect_host_key(node_id, fingerprint)
-        self.pool.discard(NodeAddress(node.user, node.host, node.port))
-        log.warning("host key of %s forgotten (was %s)%s", node.address,
-                    node.host_key_fingerprint,
-                    f"; only {fingerprint} will be accepted" if fingerprint else "")
-        for t in self.catalog.overdue_targets(node_id):
-            self.scheduler.recover_now(t.id)
+        # The key is pinned per host:port: forget it for every user there.
+        for other in same_endpoint(self.catalog, node.host, node.port):
+            self.catalog.expect_host_key(other.id, fingerprint)
+            self.pool.discard(NodeAddress(other.user, other.host, other.port))
+            log.warning("host key of %s forgotten (was %s)%s", other.address,
+                        other.host_key_fingerprint,
+                        f"; only {fingerprint} will be accepted" if fingerprint else "")
+            for t in self.catalog.overdue_targets(other.id):
+                self.scheduler.recover_now(t.id)
         return self.catalog.get_node(node_id)
 
     def authorized_keys_line(self, *, restricted: bool, host: str | None = None,
@@ -474,10 +483,21 @@ class Server:
         if not restricted:
             return line
         if host is None:
-            return "restrict " + line
-        matches = self.catalog.find_node(user, validation.host(host), validation.port(port))
+            # ``restrict`` alone forbids forwarding and ptys but lets the key run
+            # any command: not what a user asking for a restricted key expects.
+            raise InvalidInput("a restricted line is made for one node: name it "
+                               "(backhaul pubkey --restricted USER@HOST:PORT); without a "
+                               "node's paths the key could still run any command")
+        # The line goes into one user's authorized_keys: only that user's paths,
+        # the server's default user when none is named (as in `register`).
+        user = validation.user(user or self.default_user)
+        host, port = validation.host(host), validation.port(port)
+        matches = self.catalog.find_node(user, host, port)
         if not matches:
-            raise NotFound("node", f"{user + '@' if user else ''}{host}:{port}")
+            others = sorted(n.user for n in self.catalog.find_node(None, host, port))
+            raise NotFound("node", format_address(user, host, port)
+                           + (f" (registered there: {', '.join(others)}; name one as "
+                              "USER@HOST:PORT)" if others else ""))
         targets = [t for n in matches for t in self.catalog.list_targets(node_id=n.id)]
         hooks = [remote.hook_command(c, self.settings.hook_timeout)
                  for o in self.catalog.target_options([t.id for t in targets]).values()

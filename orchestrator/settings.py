@@ -51,6 +51,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -112,6 +119,19 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float),
     Setting("io_timeout", "60", "seconds without a byte from a node before a run fails "
             "with `timeout`", _positive_float),
+    Setting("run_timeout", "21600", "wall-clock seconds one run may take before it fails "
+            "with `run_timeout` (0 = none): a node trickling its stream cannot hold a worker "
+            "forever", _non_negative_float),
+    Setting("max_archive_size", "1TiB", "largest archive (compressed) one run may write; "
+            "past it the run fails with `archive_too_large` (0 = none)", parse_size),
+    Setting("max_uncompressed_size", "16TiB", "largest size an archive may inflate to; "
+            "past it the run fails with `archive_too_large` (0 = none)", parse_size),
+    Setting("max_compression_ratio", "1000", "largest inflated:compressed ratio, judged past "
+            "64 MiB inflated (gzip of all zeros is ~1030, of text 3-20); past it the run "
+            "fails with `archive_too_large` as a gzip bomb (0 = none)", _non_negative_float),
+    Setting("max_command_output", "1MiB", "most stdout kept of a command whose answer is "
+            "one line (fingerprint, probe, pigz and path checks); past it the run fails with "
+            "`output_too_large`", parse_size),
     Setting("idle_timeout", "300", "seconds an unused SSH connection stays open",
             _positive_float),
     Setting("db_busy_timeout", "30", "seconds a catalog write waits for a lock held by "

@@ -31,10 +31,14 @@ from orchestrator.errors import (
     ConnectionLost,
     HostKeyMismatch,
     NodeError,
+    OutputTooLarge,
+    RunTimeout,
     StreamIncomplete,
     Timeout,
     UnreachableNode,
 )
+from orchestrator.limits import DEFAULT_COMMAND_OUTPUT, Deadline
+from orchestrator.sanitize import escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +159,9 @@ class ExecResult:
 
     @property
     def stderr_text(self) -> str:
-        return self.stderr.decode("utf-8", "replace")
+        """The node's stderr with control characters escaped (it is logged and
+        stored as warnings, and a node may put terminal escapes in it)."""
+        return escape_controls(self.stderr.decode("utf-8", "replace"), keep="\n\t")
 
 
 class _StderrDrain(threading.Thread):
@@ -201,11 +207,14 @@ class Connection:
     """One authenticated Transport to one node; opens a channel per command."""
 
     def __init__(self, node: NodeAddress, transport: paramiko.Transport,
-                 sock: CountingSocket, io_timeout: float) -> None:
+                 sock: CountingSocket, io_timeout: float,
+                 output_limit: int = DEFAULT_COMMAND_OUTPUT) -> None:
         self.node = node
         self.transport = transport
         self.sock = sock
         self.io_timeout = io_timeout
+        # stdout kept of a command run without a sink (its answer is one line).
+        self.output_limit = output_limit
         self.channels = threading.BoundedSemaphore(CHANNELS_PER_TRANSPORT)
         self.last_used = time.monotonic()
         self.in_use = 0
@@ -230,10 +239,10 @@ class Connection:
             chan.close()
         return True
 
-    def has_pigz(self) -> bool:
+    def has_pigz(self, deadline: Deadline | None = None) -> bool:
         """Detected once per connection (so re-detected after a reconnect)."""
         if self._pigz is None:
-            res = self.exec(remote.has_pigz_command(), what="pigz check")
+            res = self.exec(remote.has_pigz_command(), what="pigz check", deadline=deadline)
             self._pigz = res.stdout.strip() == b"yes"
         return self._pigz
 
@@ -260,27 +269,38 @@ class Connection:
 
     def exec(self, command: str, *, sink: Callable[[bytes], None] | None = None,
              what: str = "command", stderr_limit: int = 64 * 1024,
-             timeout: float | None = None) -> ExecResult:
-        """Run ``command``; stream stdout to ``sink`` (or collect it), drain
-        stderr concurrently, and return the exit status.
+             timeout: float | None = None, deadline: Deadline | None = None) -> ExecResult:
+        """Run ``command``; stream stdout to ``sink`` (or collect it, at most
+        ``output_limit`` bytes), drain stderr concurrently (bounded), and
+        return the exit status.
 
-        Raises ``Timeout`` when no byte arrives for ``timeout`` seconds and
-        ``StreamIncomplete`` when the channel ends without an exit status: a
-        stream without its exit status is never to be trusted.
+        Raises ``Timeout`` when no byte arrives for ``timeout`` seconds,
+        ``RunTimeout`` when ``deadline`` passes, ``OutputTooLarge`` past the
+        output cap, and ``StreamIncomplete`` when the channel ends without an
+        exit status: a stream without its exit status is never to be trusted.
         """
         timeout = self.io_timeout if timeout is None else timeout
         with self.channels:
             with self._lock:
                 self.in_use += 1
             try:
-                return self._exec(command, sink, what, stderr_limit, timeout)
+                return self._exec(command, sink, what, stderr_limit, timeout, deadline)
             finally:
                 with self._lock:
                     self.in_use -= 1
                     self.last_used = time.monotonic()
 
+    def _wait(self, timeout: float, deadline: Deadline | None, what: str) -> float:
+        """Seconds the next wait may take: ``timeout``, cut to the deadline."""
+        if deadline is None:
+            return timeout
+        left = deadline.remaining()
+        if left <= 0:
+            raise RunTimeout(str(self.node), what, deadline.seconds)
+        return min(timeout, left)
+
     def _exec(self, command: str, sink: Callable[[bytes], None] | None, what: str,
-              stderr_limit: int, timeout: float) -> ExecResult:
+              stderr_limit: int, timeout: float, deadline: Deadline | None) -> ExecResult:
         chan = self._open_channel()
         collected = bytearray()
         total = 0
@@ -293,9 +313,12 @@ class Connection:
                 raise UnreachableNode(str(self.node), f"exec failed: {exc}") from exc
             drain.start()
             while True:
+                wait = self._wait(timeout, deadline, what)
+                chan.settimeout(wait)
                 try:
                     data = chan.recv(READ_SIZE)
                 except TimeoutError as exc:
+                    self._wait(timeout, deadline, what)  # the deadline, if that was it
                     raise Timeout(str(self.node), what, timeout) from exc
                 except (paramiko.SSHException, EOFError, OSError) as exc:
                     raise self._incomplete(what) from exc
@@ -303,13 +326,17 @@ class Connection:
                     break
                 total += len(data)
                 if sink is None:
+                    if self.output_limit and total > self.output_limit:
+                        raise OutputTooLarge(str(self.node), what, self.output_limit)
                     collected += data
                 else:
                     sink(data)
-            drain.join(timeout)
+            drain.join(self._wait(timeout, deadline, what))
             if drain.is_alive():
+                self._wait(timeout, deadline, what)
                 raise Timeout(str(self.node), f"{what} (stderr)", timeout)
-            if not chan.status_event.wait(timeout):
+            if not chan.status_event.wait(self._wait(timeout, deadline, what)):
+                self._wait(timeout, deadline, what)
                 raise Timeout(str(self.node), f"{what} (exit status)", timeout)
             # paramiko also sets status_event when the channel closes without
             # an exit-status message, leaving exit_status at -1.
@@ -337,12 +364,14 @@ class SSHPool:
 
     def __init__(self, key: ServerKey, verifier: HostKeyVerifier, *,
                  connect_timeout: float = 10.0, io_timeout: float = 60.0,
-                 idle_timeout: float = 300.0) -> None:
+                 idle_timeout: float = 300.0,
+                 output_limit: int = DEFAULT_COMMAND_OUTPUT) -> None:
         self.key = key
         self.verifier = verifier
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self.idle_timeout = idle_timeout
+        self.output_limit = output_limit
         self._slots: dict[NodeAddress, _Slot] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -447,7 +476,9 @@ class SSHPool:
             try:
                 t.start_client(timeout=self.connect_timeout)
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise UnreachableNode(address, f"SSH handshake failed: {exc}") from exc
+                # paramiko's message may quote the node's banner: node text.
+                raise UnreachableNode(address, "SSH handshake failed: "
+                                      + escape_controls(str(exc))) from exc
             hk = t.get_remote_server_key()
             self.verifier.verify(node, hk.get_name(), hk.get_base64(),
                                  key_fingerprint(hk.asbytes()))
@@ -465,7 +496,7 @@ class SSHPool:
             raise
         log.debug("connected to %s (cipher %s)", address,
                   t.remote_cipher if hasattr(t, "remote_cipher") else "?")
-        return Connection(node, t, sock, self.io_timeout)
+        return Connection(node, t, sock, self.io_timeout, self.output_limit)
 
 
 class StaticHostKeys:

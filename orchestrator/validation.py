@@ -29,9 +29,13 @@ def host(value: object) -> str:
         raise InvalidHost("host is empty; give a host name or an IP address")
     text = value.strip("[]") if value.startswith("[") else value
     try:
-        return str(ipaddress.ip_address(text))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         pass
+    else:
+        # ::ffff:127.0.0.2 is 127.0.0.2: one spelling, so one node and one host key.
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return str(mapped or ip)
     if len(text) > 253:
         raise InvalidHost(f"host name is longer than 253 characters: {text[:40]!r}...")
     labels = text.rstrip(".").split(".")

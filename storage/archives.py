@@ -116,7 +116,17 @@ class ArchiveStore:
         self._makedirs(self.root)
 
     def _makedirs(self, path: Path) -> None:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Each level 0700, not only the last: ``mkdir(parents=True)`` makes the
+        # parents (the per-node directories) with the umask's mode.
+        missing = []
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for p in reversed(missing):
+            try:
+                p.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
 
     def writer(self, node_dir: str, target_id: int, run_id: int,
                created_at: dt.datetime) -> ArchiveWriter:

@@ -51,3 +51,10 @@ class InvalidArchive(StorageError):
     """The stream a node sent is not a complete, safe tar.gz of the target."""
 
     code = "invalid_archive"
+
+
+class ArchiveTooLarge(InvalidArchive):
+    """The stream crossed a size or compression-ratio limit (a gzip bomb, a
+    runaway tree): refused while it was received, nothing kept."""
+
+    code = "archive_too_large"

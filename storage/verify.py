@@ -6,17 +6,94 @@ decompress cleanly to its end, and every tar member name must stay inside the
 one top-level directory that was asked for (no absolute names, no ``..``).
 A stream that is not gzip, is cut short, or escapes its root is refused, so
 nothing that could not be restored safely is ever listed.
+
+Inflation is bounded (``BoundedInflater``): at most ``INFLATE_STEP`` inflated
+bytes exist at a time, and the limits of ``storage.limits.ArchiveLimits``
+(inflated size, compression ratio) stop a gzip bomb early.
 """
 
 from __future__ import annotations
 
 import posixpath
 import zlib
+from collections.abc import Iterator
 
-from storage.errors import InvalidArchive
+from storage.errors import ArchiveTooLarge, InvalidArchive
+from storage.limits import INFLATE_STEP, MAX_SPECIAL_HEADER, ArchiveLimits, format_size
 
 BLOCK = 512
 _NO_DATA = frozenset("123456")
+
+
+class BoundedInflater:
+    """Inflates a gzip stream (one or more members) in bounded steps.
+
+    ``feed`` yields the inflated bytes in chunks of at most ``step`` bytes,
+    using ``decompress(data, max_length)`` and its ``unconsumed_tail``, so a
+    few MB of gzip bomb never become GBs in memory. It raises
+    ``ArchiveTooLarge`` once the inflated total crosses ``limits`` and
+    ``InvalidArchive`` on corrupt gzip. Reusable by any reader of node streams.
+    """
+
+    def __init__(self, limits: ArchiveLimits | None = None, step: int = INFLATE_STEP) -> None:
+        self.limits = limits or ArchiveLimits()
+        self.step = step
+        self._z = zlib.decompressobj(wbits=31)  # gzip framing
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    @property
+    def eof(self) -> bool:
+        """The last gzip member seen so far is complete."""
+        return self._z.eof
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        pending = data
+        try:
+            while pending:
+                if self._z.eof:
+                    # pigz and cat'ed streams may carry several gzip members.
+                    self._z = zlib.decompressobj(wbits=31)
+                out = self._z.decompress(pending, self.step)
+                rest = self._z.unconsumed_tail or (self._z.unused_data if self._z.eof
+                                                   else b"")
+                # Count input as it is consumed, not as it arrives: a bomb sent
+                # in one read must not earn the ratio of its whole size at once.
+                self.bytes_in += len(pending) - len(rest)
+                pending = rest
+                if out:
+                    self._account(len(out))
+                    yield out
+        except zlib.error as exc:
+            raise InvalidArchive(f"the stream is not valid gzip: {exc}") from None
+
+    def finish(self) -> Iterator[bytes]:
+        """Whatever the inflater still holds; then the stream must be complete."""
+        try:
+            while not self._z.eof:
+                out = self._z.decompress(b"", self.step)
+                if not out:
+                    break
+                self._account(len(out))
+                yield out
+        except zlib.error as exc:
+            raise InvalidArchive(f"the gzip stream is corrupt at its end: {exc}") from None
+        if not self._z.eof:
+            raise InvalidArchive("the gzip stream is truncated (no end of stream)")
+
+    def _account(self, n: int) -> None:
+        self.bytes_out += n
+        lim = self.limits
+        if lim.max_uncompressed and self.bytes_out > lim.max_uncompressed:
+            raise ArchiveTooLarge(
+                f"the archive inflates to more than {format_size(lim.max_uncompressed)} "
+                "(--max-uncompressed-size); nothing was kept")
+        if lim.max_ratio and self.bytes_out > lim.ratio_floor \
+                and self.bytes_out > lim.max_ratio * max(self.bytes_in, 1):
+            raise ArchiveTooLarge(
+                f"the archive inflates more than {lim.max_ratio:g}:1 "
+                f"({format_size(self.bytes_in)} to over {format_size(self.bytes_out)}; "
+                "a gzip bomb? see --max-compression-ratio); nothing was kept")
 
 
 class TarGzVerifier:
@@ -24,9 +101,9 @@ class TarGzVerifier:
     ``InvalidArchive`` unless it was one complete, well-formed archive whose
     members all live under ``root``."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, limits: ArchiveLimits | None = None) -> None:
         self.root = root
-        self._z = zlib.decompressobj(wbits=31)  # gzip framing
+        self._inflater = BoundedInflater(limits)
         self._buf = bytearray()
         self._skip = 0  # bytes of member data (padded) still to skip
         self._long_name: str | None = None
@@ -40,32 +117,20 @@ class TarGzVerifier:
         self.members = 0
         self.end_seen = False
         self.raw_bytes = 0
+        # Symlinks this archive made: no later member may pass through or replace one.
+        self._symlinks: set[str] = set()
 
     # -- gzip layer ------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        try:
-            out = self._z.decompress(data)
-            while self._z.eof and self._z.unused_data:
-                # pigz and cat'ed streams may carry several gzip members.
-                rest = self._z.unused_data
-                self._z = zlib.decompressobj(wbits=31)
-                out += self._z.decompress(rest)
-        except zlib.error as exc:
-            raise InvalidArchive(f"the stream is not valid gzip: {exc}") from None
-        if out:
+        for out in self._inflater.feed(data):
             self.raw_bytes += len(out)
             self._tar(out)
 
     def finish(self) -> None:
-        try:
-            tail = self._z.flush()
-        except zlib.error as exc:
-            raise InvalidArchive(f"the gzip stream is corrupt at its end: {exc}") from None
-        if tail:
-            self._tar(tail)
-        if not self._z.eof:
-            raise InvalidArchive("the gzip stream is truncated (no end of stream)")
+        for out in self._inflater.finish():
+            self.raw_bytes += len(out)
+            self._tar(out)
         if not self.end_seen:
             raise InvalidArchive("the tar archive is truncated (no end-of-archive marker)")
         if self.members == 0:
@@ -77,7 +142,12 @@ class TarGzVerifier:
         view = memoryview(data)
         while view:
             if self.end_seen:
-                return  # zero padding after the end marker
+                # Only zero padding may follow the end marker: a reader that
+                # ignores the marker would extract whatever comes after it.
+                if bytes(view).strip(b"\0"):
+                    raise InvalidArchive("the archive holds data after its end-of-archive "
+                                         "marker")
+                return
             if self._skip:
                 n = min(self._skip, len(view))
                 if self._pending_special is not None and self._special_left:
@@ -107,6 +177,8 @@ class TarGzVerifier:
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if kind in ("L", "x", "K", "g"):
             # GNU long name/link, pax per-file or global header: read its payload.
+            if size > MAX_SPECIAL_HEADER:
+                raise InvalidArchive(f"the tar stream has a {size}-byte extended header")
             self._pending_special = kind
             self._special = bytearray()
             self._special_left = size
@@ -124,6 +196,10 @@ class TarGzVerifier:
         self._check_name(name)
         if kind == "1":  # a hard link names another member: it must stay inside too
             self._check_name(link)
+            self._check_symlinks(link)
+        self._check_symlinks(name, whole=True)
+        if kind == "2":
+            self._symlinks.add(_norm(name))
         self.members += 1
         # As tarfile reads it: links, directories and devices carry no data.
         self._skip = 0 if kind in _NO_DATA else padded
@@ -155,6 +231,24 @@ class TarGzVerifier:
         top = posixpath.normpath(name).split("/", 1)[0]
         if top != self.root:
             raise InvalidArchive(f"the archive holds {name[:200]!r}, outside {self.root!r}")
+
+
+    def _check_symlinks(self, name: str, *, whole: bool = False) -> None:
+        """Refuse a member reached through a symlink of this archive (``app/l ->
+        /etc`` then ``app/l/evil``), or one replacing such a symlink: an
+        extractor following it would write outside the destination."""
+        if not self._symlinks:
+            return
+        parts = _norm(name).split("/")
+        for i in range(1, len(parts) + (1 if whole else 0)):
+            prefix = "/".join(parts[:i])
+            if prefix in self._symlinks:
+                raise InvalidArchive(f"the archive holds {name[:200]!r}, which passes through "
+                                     f"its own symlink {prefix[:200]!r}")
+
+
+def _norm(name: str) -> str:
+    return posixpath.normpath(name).strip("/")
 
 
 def _field(raw: bytes) -> str:

@@ -89,12 +89,14 @@ def archive(fuzz_srv: LiveServer) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def openapi(fuzz_srv: LiveServer) -> dict[str, Any]:
-    return httpx.get(fuzz_srv.url + "/openapi.json").json()
+    return httpx.get(fuzz_srv.url + "/openapi.json",
+                     headers={"Authorization": f"Bearer {fuzz_srv.token}"}).json()
 
 
 @pytest.fixture(scope="module")
 def schema(fuzz_srv: LiveServer) -> Any:
-    return schemathesis.openapi.from_url(fuzz_srv.url + "/openapi.json")
+    return schemathesis.openapi.from_url(fuzz_srv.url + "/openapi.json",
+                                         headers={"Authorization": f"Bearer {fuzz_srv.token}"})
 
 
 def api_client(srv: LiveServer) -> httpx.Client:

@@ -247,6 +247,55 @@ def _hardlink_out() -> bytes:
     return buf.getvalue()
 
 
+def _symlink_then(member: str, *, link: str = "app/l", to: str = "/etc",
+                  data: bytes | None = b"evil") -> bytes:
+    """``link -> to``, then ``member`` (a file, or with data None a directory)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        d = tarfile.TarInfo("app")
+        d.type, d.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(d)
+        s = tarfile.TarInfo(link)
+        s.type, s.linkname = tarfile.SYMTYPE, to
+        tar.addfile(s)
+        m = tarfile.TarInfo(member)
+        if data is None:
+            m.type = tarfile.DIRTYPE
+            tar.addfile(m)
+        else:
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _after_end(extra: bytes, *, same_member: bool) -> bytes:
+    """A complete archive of ``app``, then ``extra`` tar bytes after its end
+    marker: in the same gzip member, or in a second one."""
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        d = tarfile.TarInfo("app")
+        d.type, d.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(d)
+        f = tarfile.TarInfo("app/ok")
+        f.size = 2
+        tar.addfile(f, io.BytesIO(b"ok"))
+    whole = tar_bytes.getvalue()
+    if same_member:
+        return gzip.compress(whole + extra)
+    return gzip.compress(whole) + gzip.compress(extra)
+
+
+def _evil_member() -> bytes:
+    info = tarfile.TarInfo("../../tmp/evil")
+    info.size = 4
+    return info.tobuf(tarfile.GNU_FORMAT) + b"evil".ljust(512, b"\0") + b"\0" * 1024
+
+
+def _huge_longname() -> bytes:
+    """A member whose GNU long name is 16 MiB: the verifier would buffer it whole."""
+    return _targz([("app", None), ("app/" + "a" * (16 * 2**20), b"x")])
+
+
 def _payloads() -> dict[str, bytes]:
     big = os.urandom(256 * 1024)  # incompressible: half the gzip is half the tar
     whole = _targz([("app", None), ("app/a.bin", big), ("app/b.bin", big[::-1])])
@@ -265,7 +314,30 @@ def _payloads() -> dict[str, bytes]:
         "no-members": gzip.compress(b"\0" * 1024),
         "trailing-garbage": whole + b"garbage after the gzip stream",
         "hardlink-outside": _hardlink_out(),
+        "through-own-symlink": _symlink_then("app/l/evil"),
+        "through-own-symlink-dir": _symlink_then("app/l/sub", data=None),
+        "through-own-symlink-dotslash": _symlink_then("app/./l//evil"),
+        "replaces-own-symlink": _symlink_then("app/l", to="/etc/passwd"),
+        "hardlink-through-own-symlink": _hardlink_through_symlink(),
+        "member-after-end-second-gzip": _after_end(_evil_member(), same_member=False),
+        "member-after-end-same-gzip": _after_end(_evil_member(), same_member=True),
+        "huge-longname-header": _huge_longname(),
     }
+
+
+def _hardlink_through_symlink() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        d = tarfile.TarInfo("app")
+        d.type, d.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(d)
+        s = tarfile.TarInfo("app/l")
+        s.type, s.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(s)
+        h = tarfile.TarInfo("app/shadow")
+        h.type, h.linkname = tarfile.LNKTYPE, "app/l/shadow"
+        tar.addfile(h)
+    return buf.getvalue()
 
 
 PAYLOADS = _payloads()
@@ -289,6 +361,16 @@ def test_hostile_node_stream_is_refused(eng: Engine, hostile_node: SSHD, name: s
     assert listed == []
     assert eng.archive_files() == []
     assert eng.temp_files() == []
+
+
+def test_hostile_node_zero_padding_after_the_end_is_kept(eng: Engine,
+                                                         hostile_node: SSHD) -> None:
+    """Only data after the end marker is refused: zero padding, even in a
+    second gzip member, is what tar and cat'ed streams produce, and is kept."""
+    padded = _after_end(b"\0" * 10240, same_member=False)
+    result, listed = _run_hostile_node(eng, hostile_node, padded)
+    assert result.status == "success", result
+    assert len(listed) == 1
 
 
 def test_hostile_node_control_a_wellformed_stream_is_kept(eng: Engine,

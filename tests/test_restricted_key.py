@@ -56,5 +56,6 @@ def test_api_serves_the_restricted_line_for_a_node(live, node: SSHD, tmp_path: P
     assert hashlib.sha256(remote.tar_command(str(app)).encode()).hexdigest() in line
     r = live.api("GET", "/pubkey", params={"restricted": "true", "host": "127.0.0.99"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "node_not_found"
-    plain = live.api("GET", "/pubkey", params={"restricted": "true"}).json()
-    assert plain["authorized_keys_line"] == "restrict " + plain["public_key"]
+    # Without a node a `restrict` line could still run anything: refused.
+    r = live.api("GET", "/pubkey", params={"restricted": "true"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
