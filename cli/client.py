@@ -256,6 +256,15 @@ class Client:
     def list_nodes(self) -> JSONDict:
         return self._json("GET", "/api/v1/nodes")
 
+    def forget_node(self, node_id: int) -> JSONDict:
+        return self._json("DELETE", f"/api/v1/nodes/{_seg(node_id)}")
+
+    def edit_target(
+        self, target_id: int, every_minutes: int | None = None, keep: int | None = None
+    ) -> JSONDict:
+        body = {"every_minutes": every_minutes, "keep": keep}
+        return self._json("PATCH", f"/api/v1/targets/{_seg(target_id)}", body=body)
+
     def trust_node(self, node_id: int, fingerprint: str | None = None) -> JSONDict:
         body = {"fingerprint": fingerprint} if fingerprint else {}
         return self._json("POST", f"/api/v1/nodes/{_seg(node_id)}/trust", body=body)

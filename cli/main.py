@@ -87,8 +87,25 @@ class RemotePathType(click.ParamType):
         return value
 
 
+class ArchiveIdType(click.ParamType):
+    name = "archive_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            self.fail(
+                f"an archive id is a number (the ID column of `backhaul backups`), got {value!r}",
+                param,
+                ctx,
+            )
+        return int(text)
+
+
 ADDRESS = AddressType()
 REMOTE_PATH = RemotePathType()
+ARCHIVE_ID = ArchiveIdType()
 
 
 def _at_least_one(what: str) -> Any:
@@ -299,10 +316,10 @@ def backups(state: State, address: Address, path: str) -> None:
         return
     rows = [
         (
-            output.utc_time(b.get("created_at")),
+            output.utc_seconds(b.get("created_at")),
             output.human_size(b.get("size")),
             b.get("size"),
-            "kept" if b.get("retained") else "rotated",
+            _archive_state(b),
             (b.get("sha256") or "-")[:12],
             b.get("id"),
         )
@@ -314,6 +331,19 @@ def backups(state: State, address: Address, path: str) -> None:
     click.echo(
         f"\n{label}: {len(items)} backups made, {len(kept)} kept ({output.human_size(kept_bytes)})"
     )
+    corrupt = [b for b in kept if b.get("verify_status") == "corrupt"]
+    for b in corrupt:
+        reason = output.clean(b.get("verify_error") or "")
+        click.echo(f"warning: archive {b.get('id')} is CORRUPT: {reason}", err=True)
+
+
+def _archive_state(b: dict[str, Any]) -> str:
+    state = b.get("state") or ("kept" if b.get("retained") else "rotated")
+    if state == "kept" and b.get("verify_status") == "corrupt":
+        return "kept,CORRUPT"
+    if state == "kept" and b.get("verify_status") == "ok":
+        return "kept,verified"
+    return str(state)
 
 
 @main.command()
@@ -374,8 +404,15 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
     elif path is None:
         answer = client.runs(host=address.host, port=address.port, user=address.user, limit=limit)
     else:
+        # Every registration of this node and path, not just the newest one.
         target = client.resolve(address, path)
-        answer = client.runs(target_id=target["id"], limit=limit)
+        answer = client.runs(
+            host=target.get("host"),
+            port=target.get("port"),
+            user=target.get("user"),
+            path=target.get("path"),
+            limit=limit,
+        )
     if state.json:
         _emit_json(answer)
         return
@@ -398,11 +435,23 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
                 r.get("trigger"),
                 output.human_size(r.get("bytes_transferred")),
                 output.human_duration(r.get("duration_seconds")),
+                r.get("archive_id"),
                 error,
             )
         )
-    headers = ("RUN", "STARTED", "NODE", "PATH", "STATUS", "TRIGGER", "BYTES", "DURATION", "ERROR")
-    click.echo(output.table(headers, rows, {0, 6, 7}))
+    headers = (
+        "RUN",
+        "STARTED",
+        "NODE",
+        "PATH",
+        "STATUS",
+        "TRIGGER",
+        "BYTES",
+        "DURATION",
+        "ARCHIVE",
+        "ERROR",
+    )
+    click.echo(output.table(headers, rows, {0, 6, 7, 8}))
 
 
 @main.command()
@@ -440,8 +489,9 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
         if not state.json:
             if status == "success":
                 detail = (
-                    f"archive {r.get('archive_id')}, "
-                    f"{output.human_size(r.get('bytes_transferred'))} in "
+                    f"archive {r.get('archive_id')} "
+                    f"({output.human_size(r.get('archive_size'))} stored), "
+                    f"{output.human_size(r.get('bytes_transferred'))} transferred in "
                     f"{output.human_duration(r.get('duration_seconds'))}"
                 )
             else:
@@ -460,7 +510,7 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
 
 
 @main.command()
-@click.argument("archive_id", type=click.IntRange(min=1), metavar="ARCHIVE_ID")
+@click.argument("archive_id", type=ARCHIVE_ID, metavar="ARCHIVE_ID")
 @click.option(
     "-o",
     "--output",
@@ -484,23 +534,15 @@ def download(state: State, archive_id: int, output_path: str | None) -> None:
         stream.flush()
         return
     if output_path is None or os.path.isdir(output_path):
-        name = os.path.basename(str(backup.get("file_name") or ""))
-        if name in ("", ".", ".."):
-            name = f"archive-{archive_id}.tar.gz"
+        name = _download_name(client, backup, archive_id)
         dest = os.path.join(output_path or "", name)
         # A name we chose must not silently replace an existing file; -o FILE may.
         if os.path.lexists(dest):
             raise ClientError("file_exists", f"{dest} already exists; choose a name with -o FILE")
     else:
         dest = output_path
-    progress = None
-    if sys.stderr.isatty():
-        progress = output.Progress(sys.stderr, dest)
-    try:
-        result = client.download_to_path(archive_id, dest, progress, expected)
-    finally:
-        if progress is not None:
-            progress.close()
+    with output.progress_bar(f"downloading archive {archive_id}", backup.get("size")) as bar:
+        result = client.download_to_path(archive_id, dest, bar, expected)
     if state.json:
         _emit_json(info)
     else:
@@ -508,6 +550,23 @@ def download(state: State, archive_id: int, output_path: str | None) -> None:
             f"saved archive {archive_id} to {dest} "
             f"({output.human_size(result.size)}, sha256 {result.sha256[:12]})"
         )
+
+
+def _download_name(client: Client, backup: dict[str, Any], archive_id: int) -> str:
+    """``<node>-<path basename>-<stamp>-<run>.tar.gz``: a name that says whose it is."""
+    stem = os.path.basename(str(backup.get("file_name") or "")) or f"archive-{archive_id}.tar.gz"
+    try:
+        target = client.get_target(int(backup["target_id"])).get("target") or {}
+    except (ClientError, KeyError, TypeError, ValueError):
+        target = {}
+    parts = []
+    if target.get("address"):
+        parts.append(str(target["address"]).replace(":", "_"))
+    base = os.path.basename(str(target.get("path") or "").rstrip("/"))
+    if base:
+        parts.append(base)
+    name = re.sub(r"[^A-Za-z0-9._@-]", "_", "-".join([*parts, stem]))
+    return name if name not in ("", ".", "..") else f"archive-{archive_id}.tar.gz"
 
 
 # --- server and nodes ---------------------------------------------------------
@@ -535,10 +594,27 @@ def pubkey(state: State, address: Address | None, restricted: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--forget",
+    "forget",
+    type=ADDRESS,
+    metavar=ADDRESS_METAVAR,
+    help="Remove this node from the list (it must have no registered targets; "
+    "its backups and history stay).",
+)
 @json_option
 @click.pass_obj
-def nodes(state: State) -> None:
+def nodes(state: State, forget: Address | None) -> None:
     """Nodes with their pinned host key fingerprints and reachability."""
+    if forget is not None:
+        client = state.client()
+        node = client.find_node(forget)
+        answer = client.forget_node(node["id"])
+        if state.json:
+            _emit_json(answer)
+        else:
+            click.echo(f"forgot node {node.get('address')}; its backups and history stay")
+        return
     answer = state.client().list_nodes()
     if state.json:
         _emit_json(answer)
@@ -555,7 +631,9 @@ def nodes(state: State) -> None:
             n.get("address"),
             n.get("host_key_type"),
             n.get("host_key_fingerprint") or "(not pinned)",
-            reach.get(n.get("reachable"), str(n.get("reachable"))),
+            "KEY MISMATCH"
+            if n.get("last_error_code") == "host_key_mismatch"
+            else reach.get(n.get("reachable"), str(n.get("reachable"))),
             output.when(n.get("last_seen_at"), now, missing="never"),
             output.when(n.get("next_probe_at"), now),
             n.get("last_error"),

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -85,6 +86,14 @@ def utc_time(value: str | None) -> str:
     return _minute(parsed)
 
 
+def utc_seconds(value: str | None) -> str:
+    """``2026-11-27T04:40:07Z`` -> ``2026-11-27 04:40:07`` (UTC); None -> ``-``."""
+    parsed = parse_time(value)
+    if parsed is None:
+        return clean(value) if value else "-"
+    return f"{_minute(parsed)}:{parsed.second:02}"
+
+
 def _minute(t: datetime) -> str:
     # an f-string, not strftime: ten times faster on a 10,000-row table
     return f"{t.year:04}-{t.month:02}-{t.day:02} {t.hour:02}:{t.minute:02}"
@@ -145,6 +154,29 @@ def table(
         ]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int, int | None], None]]:
+    """A click progress bar on stderr, only when stderr is a terminal; yields a
+    ``callback(bytes_so_far, total)`` for the transfer to call."""
+    import sys
+
+    import click
+
+    if not sys.stderr.isatty():
+        yield lambda _done, _total: None
+        return
+    with click.progressbar(length=int(total or 0) or None, label=label, file=sys.stderr,
+                           show_pos=False, show_percent=bool(total)) as bar:
+        shown = 0
+
+        def update(done: int, _total: int | None) -> None:
+            nonlocal shown
+            bar.update(done - shown)
+            shown = done
+
+        yield update
 
 
 class Progress:
