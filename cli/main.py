@@ -299,6 +299,64 @@ def unregister(state: State, address: Address, path: str, purge: bool) -> None:
 @main.command()
 @click.argument("address", type=ADDRESS, metavar=ADDRESS_METAVAR)
 @click.argument("path", type=REMOTE_PATH)
+@click.option(
+    "--every",
+    "every_minutes",
+    type=int,
+    metavar="MINUTES",
+    callback=_at_least_one("the frequency (minutes)"),
+    help="Back up every MINUTES minutes from now on.",
+)
+@click.option("--keep", type=int, callback=_at_least_one("--keep"), help="Archives to keep.")
+@click.option("--yes", "-y", is_flag=True, help="Rotate at once without asking (lower --keep).")
+@json_option
+@click.pass_context
+def edit(
+    ctx: click.Context,
+    address: Address,
+    path: str,
+    every_minutes: int | None,
+    keep: int | None,
+    yes: bool,
+) -> None:
+    """Change a registered target's frequency or keep; its history stays."""
+    if every_minutes is None and keep is None:
+        raise click.UsageError("give --every MINUTES and/or --keep N to change", ctx)
+    state = ctx.find_object(State)
+    assert state is not None
+    client = state.client()
+    target = client.resolve(address, path)
+    label = f"{target.get('address')} {target.get('path')}"
+    if not target.get("active"):
+        raise ClientError("target_unregistered", f"{label} is not registered")
+    kept = int(target.get("archives_kept") or 0)
+    if keep is not None and keep < kept and not yes:
+        doomed = kept - keep
+        question = (
+            f"keep {keep}: this deletes the {doomed} oldest of {kept} kept archives of {label} now"
+        )
+        if not sys.stdin.isatty():
+            raise ClientError(
+                "confirmation_needed", f"{question}; add --yes to do so without a terminal"
+            )
+        if not click.confirm(f"{question}. Continue?", err=True):
+            raise ClientError("cancelled", "nothing changed")
+    answer = client.edit_target(target["id"], every_minutes=every_minutes, keep=keep)
+    if state.json:
+        _emit_json(answer)
+        return
+    t = answer.get("target") or target
+    every = output.every(t.get("every_minutes"))
+    line = f"edited {t.get('id')}: {label} {every} (keep {t.get('keep')})"
+    rotated = answer.get("rotated_archives") or []
+    if rotated:
+        line += f"; rotated out {len(rotated)} archives ({', '.join(str(i) for i in rotated)})"
+    click.echo(line)
+
+
+@main.command()
+@click.argument("address", type=ADDRESS, metavar=ADDRESS_METAVAR)
+@click.argument("path", type=REMOTE_PATH)
 @json_option
 @click.pass_obj
 def backups(state: State, address: Address, path: str) -> None:

@@ -167,8 +167,13 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int, int |
     if not sys.stderr.isatty():
         yield lambda _done, _total: None
         return
-    with click.progressbar(length=int(total or 0) or None, label=label, file=sys.stderr,
-                           show_pos=False, show_percent=bool(total)) as bar:
+    with click.progressbar(
+        length=int(total or 0) or None,
+        label=label,
+        file=sys.stderr,
+        show_pos=False,
+        show_percent=bool(total),
+    ) as bar:
         shown = 0
 
         def update(done: int, _total: int | None) -> None:
