@@ -337,6 +337,11 @@ class Client:
         }
         return self._json("GET", "/api/v1/runs", query)
 
+    def verify(self, archive_ids: list[int] | None) -> JSONDict:
+        body: dict[str, Any] = {"archive_ids": archive_ids} if archive_ids else {"all": True}
+        # Reading every archive takes as long as the store is big: no socket timeout.
+        return self._json("POST", "/api/v1/archives/verify", body=body, timeout=None)
+
     def get_archive(self, archive_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}")
 

@@ -627,6 +627,53 @@ def _download_name(client: Client, backup: dict[str, Any], archive_id: int) -> s
     return name if name not in ("", ".", "..") else f"archive-{archive_id}.tar.gz"
 
 
+@main.command()
+@click.argument("archive_ids", type=ARCHIVE_ID, nargs=-1, metavar="[ARCHIVE_ID ...]")
+@click.option("--all", "all_kept", is_flag=True, help="Verify every kept archive.")
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> None:
+    """Re-read stored archives on the server: sha256, gzip/tar, index.
+
+    Exit 1 when any is corrupt (it is then flagged in `backhaul backups`).
+    """
+    if bool(archive_ids) == all_kept:
+        raise click.UsageError("give ARCHIVE_ID ... or --all", ctx)
+    state = ctx.find_object(State)
+    assert state is not None
+    answer = state.client().verify(list(archive_ids) or None)
+    results = answer.get("results") or []
+    if state.json:
+        _emit_json(answer)
+    elif not results:
+        click.echo("no kept archives to verify")
+    else:
+
+        def mark(value: Any) -> str:
+            return {True: "ok", False: "BAD", None: "-"}.get(value, str(value))
+
+        rows = [
+            (
+                c.get("archive_id"),
+                c.get("target_id"),
+                output.human_size(c.get("size")),
+                mark(c.get("sha256_ok")),
+                mark(c.get("structure_ok")),
+                mark(c.get("index_ok")),
+                str(c.get("status")).upper() if c.get("status") == "corrupt" else c.get("status"),
+                c.get("error") or "-",
+            )
+            for c in results
+        ]
+        headers = ("ARCHIVE", "TARGET", "SIZE", "SHA256", "GZIP/TAR", "INDEX", "RESULT", "ERROR")
+        click.echo(output.table(headers, rows, {0, 1, 2}))
+    corrupt = [c for c in results if c.get("status") == "corrupt"]
+    if corrupt:
+        ids = ", ".join(str(c.get("archive_id")) for c in corrupt)
+        click.echo(f"{len(corrupt)} of {len(results)} archives are corrupt: {ids}", err=True)
+        ctx.exit(1)
+
+
 # --- server and nodes ---------------------------------------------------------
 
 

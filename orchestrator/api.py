@@ -49,6 +49,12 @@ class TrustBody(BaseModel):
     fingerprint: str | None = None
 
 
+class VerifyBody(BaseModel):
+    archive_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None = Field(
+        None, max_length=10_000, description="archives to verify")
+    all: bool = Field(False, description="verify every kept archive")
+
+
 class EditBody(BaseModel):
     every_minutes: int | None = Field(None, description="new backup frequency in minutes")
     keep: int | None = Field(None, description="new number of archives to keep; "
@@ -294,6 +300,14 @@ def create_app(server: Server) -> FastAPI:
                 path=path)]
         rows = server.catalog.list_runs(target_ids=target_ids, status=status, limit=limit)
         return JSONResponse({"runs": [run_json(x) for x in rows]})
+
+    @r.post("/archives/verify", summary="re-read stored archives: sha256, gzip, tar, index")
+    def verify(body: VerifyBody) -> dict[str, Any]:
+        if body.all == bool(body.archive_ids):
+            raise ApiError(422, "invalid_request", "give archive_ids or all=true (not both)")
+        checks = server.verify_archives(None if body.all else body.archive_ids)
+        return {"results": [c.as_json() for c in checks],
+                "corrupt": sum(c.status == "corrupt" for c in checks)}
 
     @r.get("/archives/{archive_id}", summary="one archive's facts")
     def archive(archive_id: Id) -> dict[str, Any]:

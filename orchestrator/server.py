@@ -36,6 +36,7 @@ from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
 from orchestrator.throttle import TokenBucket
+from orchestrator.verify_cmd import ArchiveCheck, Scrubber, archive_root, check_archive
 from storage.archives import ArchiveStore, rotate
 from storage.catalog import Catalog, Node, Target, utcnow
 from storage.errors import NotFound, StorageError, TargetExists
@@ -115,6 +116,9 @@ class Server:
         self._janitor = threading.Thread(target=self._janitor_loop, name="ssh-janitor",
                                          daemon=True)
         self._janitor.start()
+        if self.settings.scrub_every > 0:
+            Scrubber(self.catalog, self.store,
+                     dt.timedelta(days=self.settings.scrub_every), self._stopping).start()
         self.started = True
         log.info("backhauld %s started: data dir %s, %d active targets", __version__,
                  self.data_dir, len(active))
@@ -473,6 +477,16 @@ class Server:
                  target.node.address, target.path, updated.every_minutes, updated.keep,
                  f"; rotated out archives {rotated}" if rotated else "")
         return updated, rotated
+
+    def verify_archives(self, archive_ids: list[int] | None) -> list[ArchiveCheck]:
+        """``backhaul verify``: re-read the given archives (None: every kept one)."""
+        if archive_ids is None:
+            wanted = self.catalog.archives_due_for_scrub(self.clock() + dt.timedelta(days=1),
+                                                         limit=1_000_000)
+        else:
+            wanted = [self.catalog.get_archive(aid) for aid in archive_ids]
+        return [check_archive(self.catalog, self.store, a, archive_root(self.catalog, a))
+                for a in wanted]
 
     def trust_node(self, node_id: int, fingerprint: str | None) -> Node:
         """Forget a node's pinned host key after a deliberate change; the next

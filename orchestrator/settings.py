@@ -50,6 +50,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"must be >= 0, got {text}")
+    return value
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -103,6 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float),
     Setting("minute_seconds", "60", "length of a schedule 'minute' in seconds (lower it "
             "only to make tests and demos fast)", _positive_float),
+    Setting("scrub_every", "30", "days between re-reads of each kept archive (sha256, gzip, "
+            "tar), spread out one archive at a time; results go to the run log and "
+            "`backups` (0 = never)", _non_negative_float),
     Setting("log_format", "text", "log lines as `text` or `json`", _choice("text", "json")),
     Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR",
             _choice("DEBUG", "INFO", "WARNING", "ERROR")),
