@@ -406,6 +406,15 @@ class Client:
                 )
         return DownloadResult(received, actual)
 
+    def stream_archive(self, archive_id: int) -> tuple[Any, Any, int | None, str | None]:
+        """Open the archive's download for reading: ``(connection, response,
+        length or None, announced sha256 or None)``; close the connection when done."""
+        path = f"/api/v1/archives/{_seg(archive_id)}/download"
+        conn, resp = self._open("GET", path, None, None, self.timeout, accept="*/*")
+        length = resp.getheader("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        return conn, resp, total, _normalized_sha256(resp.getheader("X-Backhaul-SHA256"))
+
     def download_to_path(
         self,
         archive_id: int,

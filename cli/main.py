@@ -674,6 +674,97 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
         ctx.exit(1)
 
 
+@main.command()
+@click.argument("archive_id", type=ARCHIVE_ID, metavar="ARCHIVE_ID")
+@click.option(
+    "--to",
+    "to_dir",
+    metavar="DIR",
+    required=True,
+    help="Local directory to restore into; it becomes the backed-up tree (new or empty).",
+)
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="PATH",
+    help="Restore only this file or subtree (relative to the tree, or the absolute "
+    "path on the node); repeatable.",
+)
+@click.option("--force", is_flag=True, help="Restore into a non-empty DIR, replacing files.")
+@json_option
+@click.pass_context
+def restore(
+    ctx: click.Context, archive_id: int, to_dir: str, only: tuple[str, ...], force: bool
+) -> None:
+    """Extract an archive safely into DIR on this machine.
+
+    Nothing is written outside DIR: absolute names, '..', links leading out
+    and anything written through a symlink from the archive are refused.
+    """
+    from cli import restore as safe
+
+    state = ctx.find_object(State)
+    assert state is not None
+    client = state.client()
+    backup = client.get_archive(archive_id).get("backup") or {}
+    if backup.get("retained") is False:
+        raise ClientError("archive_rotated", f"archive {archive_id} was rotated out")
+    tree_path = None
+    if only and any(p.startswith("/") for p in only):
+        target = client.get_target(int(backup.get("target_id") or 0)).get("target") or {}
+        tree_path = target.get("path")
+    selection = safe.normalize_only(only, tree_path) if only else None
+    root = safe.prepare_dest(to_dir, force)
+    conn, resp, total, announced = client.stream_archive(archive_id)
+    try:
+        with output.progress_bar(f"restoring archive {archive_id}", total) as bar:
+            reader = safe.HashingReader(resp, bar, total)
+            report = safe.extract(reader, root, selection)  # type: ignore[arg-type]
+            reader.drain()
+    except OSError as exc:
+        raise ClientError("server_unreachable", f"the download broke off: {exc}") from None
+    finally:
+        conn.close()
+    actual = reader.digest.hexdigest()
+    for expected in {announced, backup.get("sha256")} - {None}:
+        if expected != actual:
+            raise ClientError(
+                "checksum_mismatch",
+                f"archive {archive_id} arrived with sha256 {actual}, the server announced "
+                f"{expected}: do not trust what was written to {to_dir}",
+            )
+    missing = [o or "." for o in (selection or []) if o not in report.matched_only]
+    summary = {
+        "archive_id": archive_id,
+        "to": root,
+        "files": report.files,
+        "directories": report.dirs,
+        "symlinks": report.symlinks,
+        "hardlinks": report.hardlinks,
+        "bytes": report.bytes,
+        "refused": report.refused,
+        "skipped": report.skipped,
+        "only_not_found": missing,
+    }
+    if state.json:
+        _emit_json(summary)
+    else:
+        click.echo(
+            f"restored archive {archive_id} to {to_dir}: {report.files} files, "
+            f"{report.dirs} directories, {report.symlinks + report.hardlinks} links "
+            f"({output.human_size(report.bytes)})"
+        )
+    for line in report.skipped:
+        click.echo(f"skipped: {output.clean(line)}", err=True)
+    for line in report.refused:
+        click.echo(f"refused: {output.clean(line)}", err=True)
+    if missing:
+        click.echo(f"not in archive {archive_id}: {', '.join(missing)}", err=True)
+    if report.refused or missing:
+        ctx.exit(1)
+
+
 # --- server and nodes ---------------------------------------------------------
 
 
