@@ -342,6 +342,27 @@ class Client:
         # Reading every archive takes as long as the store is big: no socket timeout.
         return self._json("POST", "/api/v1/archives/verify", body=body, timeout=None)
 
+    def restore_to_node(
+        self,
+        archive_id: int,
+        address: Address,
+        dest: str,
+        only: list[str] | None = None,
+        force: bool = False,
+    ) -> JSONDict:
+        body = {
+            "host": address.host,
+            "port": address.port,
+            "user": address.user,
+            "dest": dest,
+            "only": list(only or []),
+            "force": force,
+        }
+        # The server streams the whole archive before it answers: no socket timeout.
+        return self._json(
+            "POST", f"/api/v1/archives/{_seg(archive_id)}/restore", body=body, timeout=None
+        )
+
     def get_archive(self, archive_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}")
 

@@ -680,8 +680,19 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
     "--to",
     "to_dir",
     metavar="DIR",
-    required=True,
     help="Local directory to restore into; it becomes the backed-up tree (new or empty).",
+)
+@click.option(
+    "--to-node",
+    "to_node",
+    type=ADDRESS,
+    metavar=ADDRESS_METAVAR,
+    help="Restore onto this node instead: the server streams the archive there over SSH.",
+)
+@click.option(
+    "--dest",
+    metavar="PATH",
+    help="With --to-node: the absolute directory on the node (new unless --force).",
 )
 @click.option(
     "--only",
@@ -695,18 +706,45 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
 @json_option
 @click.pass_context
 def restore(
-    ctx: click.Context, archive_id: int, to_dir: str, only: tuple[str, ...], force: bool
+    ctx: click.Context,
+    archive_id: int,
+    to_dir: str | None,
+    to_node: Address | None,
+    dest: str | None,
+    only: tuple[str, ...],
+    force: bool,
 ) -> None:
-    """Extract an archive safely into DIR on this machine.
+    """Extract an archive safely into DIR here, or onto a node (--to-node).
 
     Nothing is written outside DIR: absolute names, '..', links leading out
     and anything written through a symlink from the archive are refused.
     """
     from cli import restore as safe
 
+    if (to_dir is None) == (to_node is None):
+        raise click.UsageError("give --to DIR, or --to-node NODE --dest PATH", ctx)
+    if (to_node is None) != (dest is None):
+        raise click.UsageError("--dest PATH goes with --to-node NODE", ctx)
     state = ctx.find_object(State)
     assert state is not None
     client = state.client()
+    if to_node is not None:
+        assert dest is not None
+        try:
+            normalize_path(dest)
+        except InvalidArgument as exc:
+            raise click.BadParameter(exc.message, ctx, param_hint="--dest") from None
+        answer = client.restore_to_node(archive_id, to_node, dest, list(only), force)
+        if state.json:
+            _emit_json(answer)
+        else:
+            done = answer.get("restored") or {}
+            click.echo(
+                f"restored archive {archive_id} to {done.get('address')}:{done.get('dest')} "
+                f"({output.human_size(done.get('bytes_sent'))} sent)"
+            )
+        return
+    assert to_dir is not None
     backup = client.get_archive(archive_id).get("backup") or {}
     if backup.get("retained") is False:
         raise ClientError("archive_rotated", f"archive {archive_id} was rotated out")

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import validation
 from orchestrator.errors import BackhaulError
+from orchestrator.restore import restore_to_node
 from orchestrator.server import Server, __version__
 from storage.catalog import Node, Target, format_address
 from storage.errors import NotFound, StorageError, TargetExists
@@ -53,6 +54,16 @@ class VerifyBody(BaseModel):
     archive_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None = Field(
         None, max_length=10_000, description="archives to verify")
     all: bool = Field(False, description="verify every kept archive")
+
+
+class RestoreBody(BaseModel):
+    host: str = Field(description="node to restore onto")
+    port: int = Field(22, description="its SSH port")
+    user: str | None = Field(None, description="SSH user (default: the server's default user)")
+    dest: str = Field(description="absolute directory on the node; new unless force")
+    only: list[str] = Field([], max_length=10_000,
+                            description="files or subtrees, relative to the tree")
+    force: bool = Field(False, description="write into an existing directory")
 
 
 class EditBody(BaseModel):
@@ -308,6 +319,15 @@ def create_app(server: Server) -> FastAPI:
         checks = server.verify_archives(None if body.all else body.archive_ids)
         return {"results": [c.as_json() for c in checks],
                 "corrupt": sum(c.status == "corrupt" for c in checks)}
+
+    @r.post("/archives/{archive_id}/restore",
+            summary="stream the archive onto a node over SSH (tar xzf - there)")
+    def restore(archive_id: Id, body: RestoreBody) -> dict[str, Any]:
+        done = restore_to_node(server.catalog, server.store, server.pool,
+                               archive_id=archive_id, user=body.user or server.default_user,
+                               host=body.host, port=body.port, dest=body.dest,
+                               only=body.only, force=body.force)
+        return {"restored": done.as_json()}
 
     @r.get("/archives/{archive_id}", summary="one archive's facts")
     def archive(archive_id: Id) -> dict[str, Any]:
