@@ -94,14 +94,18 @@ def normalize_only(paths: tuple[str, ...] | list[str], tree_path: str | None) ->
     return out
 
 
-def _member_parts(name: str) -> list[str] | None:
-    """The member's path inside DEST as components, or None when it is hostile."""
+def _member_parts(name: str, top_level_kept: bool = False) -> list[str] | None:
+    """The member's path inside DEST as components, or None when it is hostile.
+    The tree's own top directory is stripped; ``top_level_kept``: a one-part
+    name that is not a directory (a target that is a single file) is kept."""
     if name.startswith("/") or "\0" in name:
         return None
     parts = [x for x in name.split("/") if x not in ("", ".")]
     if ".." in parts:
         return None
-    return parts[1:]  # strip the tree's own top directory
+    if len(parts) == 1 and top_level_kept:
+        return parts
+    return parts[1:]
 
 
 def _selected(rel: str, only: list[str] | None, report: RestoreReport) -> bool:
@@ -226,7 +230,7 @@ def extract(
     try:
         for member in tar:
             name = member.name
-            parts = _member_parts(name)
+            parts = _member_parts(name, top_level_kept=not member.isdir())
             if parts is None:
                 report.refused.append(f"{name}: absolute or '..' name")
                 continue
@@ -314,7 +318,7 @@ class HashingReader:
         self.progress = progress
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n if n and n > 0 else CHUNK)
+        data = self.raw.read() if n is None or n < 0 else self.raw.read(n)
         self.digest.update(data)
         self.count += len(data)
         if self.progress is not None and data:

@@ -156,13 +156,15 @@ def restore_prepare_command(dest: str, *, force: bool) -> str:
             f"mkdir -p -- {shlex.quote(posixpath.dirname(dest) or '/')} && mkdir -- {q}")
 
 
-def restore_extract_command(dest: str, root: str, members: Iterable[str] = ()) -> str:
+def restore_extract_command(dest: str, root: str, members: Iterable[str] = (),
+                            strip: int = 1) -> str:
     """``tar xzf -`` into ``dest``, the archive's top directory ``root``
     stripped (dest becomes the tree); ``members`` (relative to the tree)
     select files or subtrees. GNU tar itself refuses absolute names, '..'
     and writing through symlinks it extracted."""
     dest = validate_path(dest)
-    names = [shlex.quote(f"{root}/{m}" if m else root) for m in members]
+    names = [shlex.quote(f"{root}/{m}" if m and strip else root) for m in members]
     return ("LC_ALL=C; export LC_ALL; "
-            f"exec tar -C {shlex.quote(dest)} --no-unquote --strip-components=1 -xzf - "
+            f"exec tar -C {shlex.quote(dest)} --no-unquote --strip-components={int(strip)} "
+            "-xzf - "
             + ("-- " + " ".join(names) if names else ""))

@@ -15,8 +15,10 @@ says what to do instead.
 from __future__ import annotations
 
 import logging
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator import remote, validation
@@ -111,6 +113,7 @@ def restore_to_node(catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
     target = catalog.get_target(archive["target_id"])
     members = relative_members(only, target.path)
     root = archive_root(catalog, archive)
+    strip = 0 if _holds_one_file(path) else 1
     node = NodeAddress(user, host, port)
     address = str(node)
     sent = 0
@@ -126,12 +129,24 @@ def restore_to_node(catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
         prep = conn.exec(remote.restore_prepare_command(dest, force=force),
                          what="restore preparation")
         _check(prep.exit_status, prep.stderr_text, address, dest)
-        res = conn.exec_with_input(remote.restore_extract_command(dest, root, members),
-                                   chunks(), what="restore")
+        res = conn.exec_with_input(
+            remote.restore_extract_command(dest, root, members, strip=strip),
+            chunks(), what="restore")
         _check(res.exit_status, res.stderr_text, address, dest)
     log.info("restored archive %s to %s:%s%s (%d bytes sent)", archive_id, address, dest,
              f" (only {members})" if members else "", sent)
     return NodeRestore(archive_id, address, dest, members, sent)
+
+
+def _holds_one_file(path: Path) -> bool:
+    """Whether the archive is of a single file (a target that is a file): its
+    first member is then not a directory, and nothing is stripped from it."""
+    try:
+        with tarfile.open(path, mode="r|gz") as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise RestoreError(f"the stored archive cannot be read: {exc}") from None
+    return first is not None and not first.isdir()
 
 
 def _check(status: int, stderr: str, address: str, dest: str) -> None:

@@ -95,3 +95,19 @@ def test_a_restricted_node_refuses_with_a_clear_message(live: LiveServer,
         assert "[command_refused]" in res.stderr and "restricted" in res.stderr
         assert "--to DIR" in res.stderr
         assert not dest.exists()
+
+
+def test_a_single_file_target_restores_as_that_file(live: LiveServer, node: SSHD,
+                                                    tmp_path: Path) -> None:
+    f = tmp_path / "settings.conf"
+    f.write_text("a=1\n")
+    aid = first_archive(live, node, f)
+    here = tmp_path / "here"
+    res = cli(live, "restore", str(aid), "--to", str(here))
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in here.iterdir()] == ["settings.conf"]
+    assert (here / "settings.conf").read_text() == "a=1\n"
+    there = tmp_path / "there"
+    res = cli(live, "restore", str(aid), "--to-node", addr(node), "--dest", str(there))
+    assert res.exit_code == 0, res.output
+    assert (there / "settings.conf").read_text() == "a=1\n"
