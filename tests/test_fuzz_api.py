@@ -57,6 +57,12 @@ OPERATIONS: list[tuple[str, str, str | None]] = [
     ("get", "/api/v1/runs", None),
     ("get", "/api/v1/archives/{archive_id}", None),
     ("get", "/api/v1/archives/{archive_id}/download", None),
+    ("delete", "/api/v1/nodes/{node_id}", None),
+    ("patch", "/api/v1/targets/{target_id}", None),
+    ("post", "/api/v1/archives/verify", None),
+    # A restore reaches only nodes in the catalog (host key pinned): fuzzed
+    # hosts are loopback and fuzzed ports miss the one real node.
+    ("post", "/api/v1/archives/{archive_id}/restore", None),
 ]
 
 
