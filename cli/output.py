@@ -6,11 +6,10 @@ Functions that depend on the current time take ``now`` so tests can pin it.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _CONTROL = {i: " " for i in range(32)} | {127: " "}
@@ -182,30 +181,3 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int, int |
             shown = done
 
         yield update
-
-
-class Progress:
-    """A one-line transfer counter on a terminal stream, redrawn at most 10 times a second."""
-
-    def __init__(self, stream: TextIO, label: str) -> None:
-        self.stream = stream
-        self.label = label
-        self._last = 0.0
-        self._drawn = False
-
-    def __call__(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - self._last < 0.1 and done != total:
-            return
-        self._last = now
-        text = f"{self.label}: {human_size(done)}"
-        if total:
-            text += f" / {human_size(total)} ({done * 100 // total}%)"
-        self.stream.write(f"\r{text}\033[K")
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
