@@ -256,6 +256,15 @@ class Client:
     def list_nodes(self) -> JSONDict:
         return self._json("GET", "/api/v1/nodes")
 
+    def forget_node(self, node_id: int) -> JSONDict:
+        return self._json("DELETE", f"/api/v1/nodes/{_seg(node_id)}")
+
+    def edit_target(
+        self, target_id: int, every_minutes: int | None = None, keep: int | None = None
+    ) -> JSONDict:
+        body = {"every_minutes": every_minutes, "keep": keep}
+        return self._json("PATCH", f"/api/v1/targets/{_seg(target_id)}", body=body)
+
     def trust_node(self, node_id: int, fingerprint: str | None = None) -> JSONDict:
         body = {"fingerprint": fingerprint} if fingerprint else {}
         return self._json("POST", f"/api/v1/nodes/{_seg(node_id)}/trust", body=body)
@@ -335,6 +344,32 @@ class Client:
         }
         return self._json("GET", "/api/v1/runs", query)
 
+    def verify(self, archive_ids: list[int] | None) -> JSONDict:
+        body: dict[str, Any] = {"archive_ids": archive_ids} if archive_ids else {"all": True}
+        # Reading every archive takes as long as the store is big: no socket timeout.
+        return self._json("POST", "/api/v1/archives/verify", body=body, timeout=None)
+
+    def restore_to_node(
+        self,
+        archive_id: int,
+        address: Address,
+        dest: str,
+        only: list[str] | None = None,
+        force: bool = False,
+    ) -> JSONDict:
+        body = {
+            "host": address.host,
+            "port": address.port,
+            "user": address.user,
+            "dest": dest,
+            "only": list(only or []),
+            "force": force,
+        }
+        # The server streams the whole archive before it answers: no socket timeout.
+        return self._json(
+            "POST", f"/api/v1/archives/{_seg(archive_id)}/restore", body=body, timeout=None
+        )
+
     def get_archive(self, archive_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}")
 
@@ -398,6 +433,15 @@ class Client:
                     f"the server announced {expected}",
                 )
         return DownloadResult(received, actual)
+
+    def stream_archive(self, archive_id: int) -> tuple[Any, Any, int | None, str | None]:
+        """Open the archive's download for reading: ``(connection, response,
+        length or None, announced sha256 or None)``; close the connection when done."""
+        path = f"/api/v1/archives/{_seg(archive_id)}/download"
+        conn, resp = self._open("GET", path, None, None, self.timeout, accept="*/*")
+        length = resp.getheader("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        return conn, resp, total, _normalized_sha256(resp.getheader("X-Backhaul-SHA256"))
 
     def download_to_path(
         self,

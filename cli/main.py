@@ -87,8 +87,25 @@ class RemotePathType(click.ParamType):
         return value
 
 
+class ArchiveIdType(click.ParamType):
+    name = "archive_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            self.fail(
+                f"an archive id is a number (the ID column of `backhaul backups`), got {value!r}",
+                param,
+                ctx,
+            )
+        return int(text)
+
+
 ADDRESS = AddressType()
 REMOTE_PATH = RemotePathType()
+ARCHIVE_ID = ArchiveIdType()
 
 
 def _at_least_one(what: str) -> Any:
@@ -300,6 +317,64 @@ def unregister(state: State, address: Address, path: str, purge: bool) -> None:
 @main.command()
 @click.argument("address", type=ADDRESS, metavar=ADDRESS_METAVAR)
 @click.argument("path", type=REMOTE_PATH)
+@click.option(
+    "--every",
+    "every_minutes",
+    type=int,
+    metavar="MINUTES",
+    callback=_at_least_one("the frequency (minutes)"),
+    help="Back up every MINUTES minutes from now on.",
+)
+@click.option("--keep", type=int, callback=_at_least_one("--keep"), help="Archives to keep.")
+@click.option("--yes", "-y", is_flag=True, help="Rotate at once without asking (lower --keep).")
+@json_option
+@click.pass_context
+def edit(
+    ctx: click.Context,
+    address: Address,
+    path: str,
+    every_minutes: int | None,
+    keep: int | None,
+    yes: bool,
+) -> None:
+    """Change a registered target's frequency or keep; its history stays."""
+    if every_minutes is None and keep is None:
+        raise click.UsageError("give --every MINUTES and/or --keep N to change", ctx)
+    state = ctx.find_object(State)
+    assert state is not None
+    client = state.client()
+    target = client.resolve(address, path)
+    label = f"{target.get('address')} {target.get('path')}"
+    if not target.get("active"):
+        raise ClientError("target_unregistered", f"{label} is not registered")
+    kept = int(target.get("archives_kept") or 0)
+    if keep is not None and keep < kept and not yes:
+        doomed = kept - keep
+        question = (
+            f"keep {keep}: this deletes the {doomed} oldest of {kept} kept archives of {label} now"
+        )
+        if not sys.stdin.isatty():
+            raise ClientError(
+                "confirmation_needed", f"{question}; add --yes to do so without a terminal"
+            )
+        if not click.confirm(f"{question}. Continue?", err=True):
+            raise ClientError("cancelled", "nothing changed")
+    answer = client.edit_target(target["id"], every_minutes=every_minutes, keep=keep)
+    if state.json:
+        _emit_json(answer)
+        return
+    t = answer.get("target") or target
+    every = output.every(t.get("every_minutes"))
+    line = f"edited {t.get('id')}: {label} {every} (keep {t.get('keep')})"
+    rotated = answer.get("rotated_archives") or []
+    if rotated:
+        line += f"; rotated out {len(rotated)} archives ({', '.join(str(i) for i in rotated)})"
+    click.echo(line)
+
+
+@main.command()
+@click.argument("address", type=ADDRESS, metavar=ADDRESS_METAVAR)
+@click.argument("path", type=REMOTE_PATH)
 @json_option
 @click.pass_obj
 def backups(state: State, address: Address, path: str) -> None:
@@ -317,10 +392,10 @@ def backups(state: State, address: Address, path: str) -> None:
         return
     rows = [
         (
-            output.utc_time(b.get("created_at")),
+            output.utc_seconds(b.get("created_at")),
             output.human_size(b.get("size")),
             b.get("size"),
-            "kept" if b.get("retained") else "rotated",
+            _archive_state(b),
             (b.get("sha256") or "-")[:12],
             b.get("id"),
         )
@@ -332,6 +407,19 @@ def backups(state: State, address: Address, path: str) -> None:
     click.echo(
         f"\n{label}: {len(items)} backups made, {len(kept)} kept ({output.human_size(kept_bytes)})"
     )
+    corrupt = [b for b in kept if b.get("verify_status") == "corrupt"]
+    for b in corrupt:
+        reason = output.clean(b.get("verify_error") or "")
+        click.echo(f"warning: archive {b.get('id')} is CORRUPT: {reason}", err=True)
+
+
+def _archive_state(b: dict[str, Any]) -> str:
+    state = b.get("state") or ("kept" if b.get("retained") else "rotated")
+    if state == "kept" and b.get("verify_status") == "corrupt":
+        return "kept,CORRUPT"
+    if state == "kept" and b.get("verify_status") == "ok":
+        return "kept,verified"
+    return str(state)
 
 
 @main.command()
@@ -392,8 +480,15 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
     elif path is None:
         answer = client.runs(host=address.host, port=address.port, user=address.user, limit=limit)
     else:
+        # Every registration of this node and path, not just the newest one.
         target = client.resolve(address, path)
-        answer = client.runs(target_id=target["id"], limit=limit)
+        answer = client.runs(
+            host=target.get("host"),
+            port=target.get("port"),
+            user=target.get("user"),
+            path=target.get("path"),
+            limit=limit,
+        )
     if state.json:
         _emit_json(answer)
         return
@@ -416,11 +511,23 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
                 r.get("trigger"),
                 output.human_size(r.get("bytes_transferred")),
                 output.human_duration(r.get("duration_seconds")),
+                r.get("archive_id"),
                 error,
             )
         )
-    headers = ("RUN", "STARTED", "NODE", "PATH", "STATUS", "TRIGGER", "BYTES", "DURATION", "ERROR")
-    click.echo(output.table(headers, rows, {0, 6, 7}))
+    headers = (
+        "RUN",
+        "STARTED",
+        "NODE",
+        "PATH",
+        "STATUS",
+        "TRIGGER",
+        "BYTES",
+        "DURATION",
+        "ARCHIVE",
+        "ERROR",
+    )
+    click.echo(output.table(headers, rows, {0, 6, 7, 8}))
 
 
 @main.command()
@@ -458,8 +565,9 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
         if not state.json:
             if status == "success":
                 detail = (
-                    f"archive {r.get('archive_id')}, "
-                    f"{output.human_size(r.get('bytes_transferred'))} in "
+                    f"archive {r.get('archive_id')} "
+                    f"({output.human_size(r.get('archive_size'))} stored), "
+                    f"{output.human_size(r.get('bytes_transferred'))} transferred in "
                     f"{output.human_duration(r.get('duration_seconds'))}"
                 )
             else:
@@ -478,7 +586,7 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
 
 
 @main.command()
-@click.argument("archive_id", type=click.IntRange(min=1), metavar="ARCHIVE_ID")
+@click.argument("archive_id", type=ARCHIVE_ID, metavar="ARCHIVE_ID")
 @click.option(
     "-o",
     "--output",
@@ -502,23 +610,15 @@ def download(state: State, archive_id: int, output_path: str | None) -> None:
         stream.flush()
         return
     if output_path is None or os.path.isdir(output_path):
-        name = os.path.basename(str(backup.get("file_name") or ""))
-        if name in ("", ".", ".."):
-            name = f"archive-{archive_id}.tar.gz"
+        name = _download_name(client, backup, archive_id)
         dest = os.path.join(output_path or "", name)
         # A name we chose must not silently replace an existing file; -o FILE may.
         if os.path.lexists(dest):
             raise ClientError("file_exists", f"{dest} already exists; choose a name with -o FILE")
     else:
         dest = output_path
-    progress = None
-    if sys.stderr.isatty():
-        progress = output.Progress(sys.stderr, dest)
-    try:
-        result = client.download_to_path(archive_id, dest, progress, expected)
-    finally:
-        if progress is not None:
-            progress.close()
+    with output.progress_bar(f"downloading archive {archive_id}", backup.get("size")) as bar:
+        result = client.download_to_path(archive_id, dest, bar, expected)
     if state.json:
         _emit_json(info)
     else:
@@ -526,6 +626,199 @@ def download(state: State, archive_id: int, output_path: str | None) -> None:
             f"saved archive {archive_id} to {dest} "
             f"({output.human_size(result.size)}, sha256 {result.sha256[:12]})"
         )
+
+
+def _download_name(client: Client, backup: dict[str, Any], archive_id: int) -> str:
+    """``<node>-<path basename>-<stamp>-<run>.tar.gz``: a name that says whose it is."""
+    stem = os.path.basename(str(backup.get("file_name") or "")) or f"archive-{archive_id}.tar.gz"
+    try:
+        target = client.get_target(int(backup["target_id"])).get("target") or {}
+    except (ClientError, KeyError, TypeError, ValueError):
+        target = {}
+    parts = []
+    if target.get("address"):
+        parts.append(str(target["address"]).replace(":", "_"))
+    base = os.path.basename(str(target.get("path") or "").rstrip("/"))
+    if base:
+        parts.append(base)
+    name = re.sub(r"[^A-Za-z0-9._@-]", "_", "-".join([*parts, stem]))
+    return name if name not in ("", ".", "..") else f"archive-{archive_id}.tar.gz"
+
+
+@main.command()
+@click.argument("archive_ids", type=ARCHIVE_ID, nargs=-1, metavar="[ARCHIVE_ID ...]")
+@click.option("--all", "all_kept", is_flag=True, help="Verify every kept archive.")
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> None:
+    """Re-read stored archives on the server: sha256, gzip/tar, index.
+
+    Exit 1 when any is corrupt (it is then flagged in `backhaul backups`).
+    """
+    if bool(archive_ids) == all_kept:
+        raise click.UsageError("give ARCHIVE_ID ... or --all", ctx)
+    state = ctx.find_object(State)
+    assert state is not None
+    answer = state.client().verify(list(archive_ids) or None)
+    results = answer.get("results") or []
+    if state.json:
+        _emit_json(answer)
+    elif not results:
+        click.echo("no kept archives to verify")
+    else:
+
+        def mark(value: Any) -> str:
+            return {True: "ok", False: "BAD", None: "-"}.get(value, str(value))
+
+        rows = [
+            (
+                c.get("archive_id"),
+                c.get("target_id"),
+                output.human_size(c.get("size")),
+                mark(c.get("sha256_ok")),
+                mark(c.get("structure_ok")),
+                mark(c.get("index_ok")),
+                str(c.get("status")).upper() if c.get("status") == "corrupt" else c.get("status"),
+                c.get("error") or "-",
+            )
+            for c in results
+        ]
+        headers = ("ARCHIVE", "TARGET", "SIZE", "SHA256", "GZIP/TAR", "INDEX", "RESULT", "ERROR")
+        click.echo(output.table(headers, rows, {0, 1, 2}))
+    corrupt = [c for c in results if c.get("status") == "corrupt"]
+    if corrupt:
+        ids = ", ".join(str(c.get("archive_id")) for c in corrupt)
+        click.echo(f"{len(corrupt)} of {len(results)} archives are corrupt: {ids}", err=True)
+        ctx.exit(1)
+
+
+@main.command()
+@click.argument("archive_id", type=ARCHIVE_ID, metavar="ARCHIVE_ID")
+@click.option(
+    "--to",
+    "to_dir",
+    metavar="DIR",
+    help="Local directory to restore into; it becomes the backed-up tree (new or empty).",
+)
+@click.option(
+    "--to-node",
+    "to_node",
+    type=ADDRESS,
+    metavar=ADDRESS_METAVAR,
+    help="Restore onto this node instead: the server streams the archive there over SSH.",
+)
+@click.option(
+    "--dest",
+    metavar="PATH",
+    help="With --to-node: the absolute directory on the node (new unless --force).",
+)
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="PATH",
+    help="Restore only this file or subtree (relative to the tree, or the absolute "
+    "path on the node); repeatable.",
+)
+@click.option("--force", is_flag=True, help="Restore into a non-empty DIR, replacing files.")
+@json_option
+@click.pass_context
+def restore(
+    ctx: click.Context,
+    archive_id: int,
+    to_dir: str | None,
+    to_node: Address | None,
+    dest: str | None,
+    only: tuple[str, ...],
+    force: bool,
+) -> None:
+    """Extract an archive safely into DIR here, or onto a node (--to-node).
+
+    Nothing is written outside DIR: absolute names, '..', links leading out
+    and anything written through a symlink from the archive are refused.
+    """
+    from cli import restore as safe
+
+    if (to_dir is None) == (to_node is None):
+        raise click.UsageError("give --to DIR, or --to-node NODE --dest PATH", ctx)
+    if (to_node is None) != (dest is None):
+        raise click.UsageError("--dest PATH goes with --to-node NODE", ctx)
+    state = ctx.find_object(State)
+    assert state is not None
+    client = state.client()
+    if to_node is not None:
+        assert dest is not None
+        try:
+            normalize_path(dest)
+        except InvalidArgument as exc:
+            raise click.BadParameter(exc.message, ctx, param_hint="--dest") from None
+        answer = client.restore_to_node(archive_id, to_node, dest, list(only), force)
+        if state.json:
+            _emit_json(answer)
+        else:
+            done = answer.get("restored") or {}
+            click.echo(
+                f"restored archive {archive_id} to {done.get('address')}:{done.get('dest')} "
+                f"({output.human_size(done.get('bytes_sent'))} sent)"
+            )
+        return
+    assert to_dir is not None
+    backup = client.get_archive(archive_id).get("backup") or {}
+    if backup.get("retained") is False:
+        raise ClientError("archive_rotated", f"archive {archive_id} was rotated out")
+    tree_path = None
+    if only and any(p.startswith("/") for p in only):
+        target = client.get_target(int(backup.get("target_id") or 0)).get("target") or {}
+        tree_path = target.get("path")
+    selection = safe.normalize_only(only, tree_path) if only else None
+    root = safe.prepare_dest(to_dir, force)
+    conn, resp, total, announced = client.stream_archive(archive_id)
+    try:
+        with output.progress_bar(f"restoring archive {archive_id}", total) as bar:
+            reader = safe.HashingReader(resp, bar, total)
+            report = safe.extract(reader, root, selection)  # type: ignore[arg-type]
+            reader.drain()
+    except OSError as exc:
+        raise ClientError("server_unreachable", f"the download broke off: {exc}") from None
+    finally:
+        conn.close()
+    actual = reader.digest.hexdigest()
+    for expected in {announced, backup.get("sha256")} - {None}:
+        if expected != actual:
+            raise ClientError(
+                "checksum_mismatch",
+                f"archive {archive_id} arrived with sha256 {actual}, the server announced "
+                f"{expected}: do not trust what was written to {to_dir}",
+            )
+    missing = [o or "." for o in (selection or []) if o not in report.matched_only]
+    summary = {
+        "archive_id": archive_id,
+        "to": root,
+        "files": report.files,
+        "directories": report.dirs,
+        "symlinks": report.symlinks,
+        "hardlinks": report.hardlinks,
+        "bytes": report.bytes,
+        "refused": report.refused,
+        "skipped": report.skipped,
+        "only_not_found": missing,
+    }
+    if state.json:
+        _emit_json(summary)
+    else:
+        click.echo(
+            f"restored archive {archive_id} to {to_dir}: {report.files} files, "
+            f"{report.dirs} directories, {report.symlinks + report.hardlinks} links "
+            f"({output.human_size(report.bytes)})"
+        )
+    for line in report.skipped:
+        click.echo(f"skipped: {output.clean(line)}", err=True)
+    for line in report.refused:
+        click.echo(f"refused: {output.clean(line)}", err=True)
+    if missing:
+        click.echo(f"not in archive {archive_id}: {', '.join(missing)}", err=True)
+    if report.refused or missing:
+        ctx.exit(1)
 
 
 # --- server and nodes ---------------------------------------------------------
@@ -553,10 +846,27 @@ def pubkey(state: State, address: Address | None, restricted: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--forget",
+    "forget",
+    type=ADDRESS,
+    metavar=ADDRESS_METAVAR,
+    help="Remove this node from the list (it must have no registered targets; "
+    "its backups and history stay).",
+)
 @json_option
 @click.pass_obj
-def nodes(state: State) -> None:
+def nodes(state: State, forget: Address | None) -> None:
     """Nodes with their pinned host key fingerprints and reachability."""
+    if forget is not None:
+        client = state.client()
+        node = client.find_node(forget)
+        answer = client.forget_node(node["id"])
+        if state.json:
+            _emit_json(answer)
+        else:
+            click.echo(f"forgot node {node.get('address')}; its backups and history stay")
+        return
     answer = state.client().list_nodes()
     if state.json:
         _emit_json(answer)
@@ -573,7 +883,9 @@ def nodes(state: State) -> None:
             n.get("address"),
             n.get("host_key_type"),
             n.get("host_key_fingerprint") or "(not pinned)",
-            reach.get(n.get("reachable"), str(n.get("reachable"))),
+            "KEY MISMATCH"
+            if n.get("last_error_code") == "host_key_mismatch"
+            else reach.get(n.get("reachable"), str(n.get("reachable"))),
             output.when(n.get("last_seen_at"), now, missing="never"),
             output.when(n.get("next_probe_at"), now),
             n.get("last_error"),

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator import metrics, options_api, validation, web
 from orchestrator.errors import BackhaulError
 from orchestrator.guard import RequestGuard
+from orchestrator.restore import restore_to_node
 from orchestrator.server import Server, __version__
 from storage.catalog import Node, Target, format_address
 from storage.errors import NotFound, StorageError, TargetExists
@@ -57,6 +58,28 @@ class TrustBody(BaseModel):
     fingerprint: str | None = None
 
 
+class VerifyBody(BaseModel):
+    archive_ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] | None = Field(
+        None, max_length=10_000, description="archives to verify")
+    all: bool = Field(False, description="verify every kept archive")
+
+
+class RestoreBody(BaseModel):
+    host: str = Field(description="node to restore onto")
+    port: int = Field(22, description="its SSH port")
+    user: str | None = Field(None, description="SSH user (default: the server's default user)")
+    dest: str = Field(description="absolute directory on the node; new unless force")
+    only: list[str] = Field([], max_length=10_000,
+                            description="files or subtrees, relative to the tree")
+    force: bool = Field(False, description="write into an existing directory")
+
+
+class EditBody(BaseModel):
+    every_minutes: int | None = Field(None, description="new backup frequency in minutes")
+    keep: int | None = Field(None, description="new number of archives to keep; "
+                                               "a lower one rotates at once")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -81,6 +104,7 @@ def node_json(n: Node) -> dict[str, Any]:
         "host_key_type": n.host_key_type, "host_key_fingerprint": n.host_key_fingerprint,
         "host_key_pinned": n.host_key_b64 is not None,
         "reachable": n.reachable, "last_error": n.last_error,
+        "last_error_code": n.last_error_code,
         "last_seen_at": iso(n.last_seen_at), "unreachable_since": iso(n.unreachable_since),
         "next_probe_at": iso(n.next_probe_at) if n.reachable is False else None,
     }
@@ -103,11 +127,17 @@ def target_json(t: Target, summary: dict[str, Any] | None,
 
 
 def archive_json(a: dict[str, Any]) -> dict[str, Any]:
+    if a["deleted_at"] is None:
+        state = "kept"
+    else:  # rows deleted before the reason was recorded were all rotations
+        state = a.get("deleted_reason") or "rotated"
     return {
         "id": a["id"], "target_id": a["target_id"], "run_id": a["run_id"],
         "created_at": iso(a["created_at"]), "size": a["size"], "sha256": a["sha256"],
         "file_name": a["file_name"].rsplit("/", 1)[-1], "fingerprint": a["fingerprint"],
         "retained": a["deleted_at"] is None, "deleted_at": iso(a["deleted_at"]),
+        "state": state, "verify_status": a.get("verify_status"),
+        "verified_at": iso(a.get("verified_at")), "verify_error": a.get("verify_error"),
     }
 
 
@@ -121,7 +151,8 @@ def run_json(r: dict[str, Any]) -> dict[str, Any]:
         if r["scheduled_at"] else None,
         "started_at": iso(started), "finished_at": iso(finished), "status": r["status"],
         "trigger": r["trigger"], "bytes_transferred": r["bytes_transferred"],
-        "archive_id": r["archive_id"], "error_code": r["error_code"], "message": r["message"],
+        "archive_id": r["archive_id"], "archive_size": r.get("archive_size"),
+        "error_code": r["error_code"], "message": r["message"],
         "warnings": r["warnings"],
         "duration_seconds": round((finished - started).total_seconds(), 3) if finished else None,
     }
@@ -224,6 +255,10 @@ def create_app(server: Server) -> FastAPI:
     def list_nodes() -> dict[str, Any]:
         return {"nodes": [node_json(n) for n in server.catalog.list_nodes()]}
 
+    @r.delete("/nodes/{node_id}", summary="forget a node that has no registered targets")
+    def forget_node(node_id: Id) -> dict[str, Any]:
+        return {"node": node_json(server.forget_node(node_id))}
+
     @r.post("/nodes/{node_id}/trust", summary="forget a node's pinned host key")
     def trust(node_id: Id, body: TrustBody | None = None) -> dict[str, Any]:
         node = server.trust_node(node_id, body.fingerprint if body else None)
@@ -263,11 +298,21 @@ def create_app(server: Server) -> FastAPI:
         target, purged = server.unregister(target_id, purge=purge)
         return {"target": target_out(target), "purged_archives": purged}
 
-    @r.get("/targets/{target_id}/backups", summary="every archive ever made for a target")
+    @r.patch("/targets/{target_id}", summary="change a target's frequency or keep")
+    def edit(target_id: Id, body: EditBody) -> dict[str, Any]:
+        if body.every_minutes is None and body.keep is None:
+            raise ApiError(422, "invalid_request", "give every_minutes and/or keep to change")
+        target, rotated = server.edit_target(target_id, every_minutes=body.every_minutes,
+                                             keep=body.keep)
+        return {"target": target_out(target), "rotated_archives": rotated}
+
+    @r.get("/targets/{target_id}/backups",
+           summary="every archive ever made of the target's node and path, "
+                   "across registrations")
     def backups(target_id: Id) -> dict[str, Any]:
         target = resolve_target(target_id)
-        return {"target": target_out(target),
-                "backups": [archive_json(a) for a in server.catalog.list_archives(target_id)]}
+        made = server.catalog.list_archives_of_path(target.node.id, target.path)
+        return {"target": target_out(target), "backups": [archive_json(a) for a in made]}
 
     @r.post("/targets/{target_id}/run", summary="back up now")
     def run(target_id: Id, wait: bool = False,
@@ -290,6 +335,23 @@ def create_app(server: Server) -> FastAPI:
                 path=path)]
         rows = server.catalog.list_runs(target_ids=target_ids, status=status, limit=limit)
         return JSONResponse({"runs": [run_json(x) for x in rows]})
+
+    @r.post("/archives/verify", summary="re-read stored archives: sha256, gzip, tar, index")
+    def verify(body: VerifyBody) -> dict[str, Any]:
+        if body.all == bool(body.archive_ids):
+            raise ApiError(422, "invalid_request", "give archive_ids or all=true (not both)")
+        checks = server.verify_archives(None if body.all else body.archive_ids)
+        return {"results": [c.as_json() for c in checks],
+                "corrupt": sum(c.status == "corrupt" for c in checks)}
+
+    @r.post("/archives/{archive_id}/restore",
+            summary="stream the archive onto a node over SSH (tar xzf - there)")
+    def restore(archive_id: Id, body: RestoreBody) -> dict[str, Any]:
+        done = restore_to_node(server.catalog, server.store, server.pool,
+                               archive_id=archive_id, user=body.user or server.default_user,
+                               host=body.host, port=body.port, dest=body.dest,
+                               only=body.only, force=body.force)
+        return {"restored": done.as_json()}
 
     @r.get("/archives/{archive_id}", summary="one archive's facts")
     def archive(archive_id: Id) -> dict[str, Any]:

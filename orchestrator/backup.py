@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from orchestrator import remote
 from orchestrator.errors import (
+    AuthFailed,
     BackhaulError,
     CommandRefused,
     HostKeyMismatch,
@@ -40,6 +41,10 @@ from storage.verify import TarGzVerifier
 log = logging.getLogger(__name__)
 
 TAR_WARNINGS_EXIT = 1  # GNU tar: some files changed or vanished while read
+LAST_SEEN_EVERY = dt.timedelta(seconds=60)  # at most one "last seen" write per node a minute
+# Failures that an already authenticated (pooled) connection may keep causing
+# after the node's authorized_keys changed: reconnect for the next attempt.
+_REAUTHENTICATE = (CommandRefused, AuthFailed, PermissionDenied)
 
 
 class CatalogHostKeys:
@@ -186,6 +191,10 @@ class BackupEngine:
                 result = self._backup(conn, target, run_id, wire, deadline)
             self._mark_reachable(target)
         except BackhaulError as exc:
+            if isinstance(exc, _REAUTHENTICATE):
+                self.pool.discard(node)
+            if isinstance(exc, HostKeyMismatch):
+                self._note_node_error(target, exc)
             result = self._fail(target, run_id, exc.code, exc.message, wire.total(),
                                 node_unreachable=isinstance(exc, NodeError)
                                 and exc.node_unreachable)
@@ -197,10 +206,11 @@ class BackupEngine:
                                 f"{exc.__class__.__name__}: {exc}", wire.total())
         result = _with_duration(result, time.monotonic() - started)
         # A failure is logged once, at WARNING, with target, node and run id.
-        log.log(logging.WARNING if result.status == "failed" else logging.INFO,
-                "run %s target %s %s %s: %s bytes=%d duration=%.2fs%s", run_id, target.id,
-                 node, target.path, result.status, result.bytes_transferred, result.duration,
-                 f" error={result.error_code}: {result.message}" if result.error_code else "")
+        level = logging.WARNING if result.status in ("failed", "interrupted") else logging.INFO
+        log.log(level, "run %s target %s node %s path %s: %s bytes=%d duration=%.2fs%s",
+                run_id, target.id, node, target.path, result.status, result.bytes_transferred,
+                result.duration,
+                f" error={result.error_code}: {result.message}" if result.error_code else "")
         return result
 
     def _backup(self, conn: Connection, target: Target, run_id: int,
@@ -290,15 +300,25 @@ class BackupEngine:
             log.error("cannot record failed run %s: %s", run_id, exc.message)
         if node_unreachable:
             try:
-                self.catalog.node_unreachable(target.node.id, message)
+                self.catalog.node_unreachable(target.node.id, message, code=code)
             except StorageError as exc:
                 log.error("cannot mark node %s unreachable: %s", target.node.id, exc.message)
         return RunResult(run_id, target.id, status, transferred, error_code=code,
                          message=message, node_unreachable=node_unreachable)
 
     def _mark_reachable(self, target: Target) -> None:
-        if target.node.reachable is not True:
-            self.catalog.node_reachable(target.node.id)
+        """Record a successful contact: ``nodes`` shows it as LAST SEEN. The node
+        row read at the start of the run says whether a write is due."""
+        n = target.node
+        if n.reachable is not True or n.last_error is not None or n.last_seen_at is None \
+                or self.catalog.clock() - n.last_seen_at >= LAST_SEEN_EVERY:
+            self.catalog.node_reachable(n.id)
+
+    def _note_node_error(self, target: Target, exc: BackhaulError) -> None:
+        try:
+            self.catalog.node_error(target.node.id, exc.code, exc.message)
+        except StorageError as err:
+            log.error("cannot record the error of node %s: %s", target.node.id, err.message)
 
     def check_path(self, node: NodeAddress, path: str) -> None:
         """Raise unless ``path`` exists and is readable on the node (registration)."""

@@ -158,3 +158,34 @@ def restricted_key_line(public_line: str, paths: Iterable[str],
     # authorized_keys takes a double quote inside command="..." as \"
     guard = guard.replace('"', '\\"')
     return f'restrict,command="{guard}" {public_line}'
+
+
+# -- restore onto a node ---------------------------------------------------------
+
+EXIT_DEST_EXISTS = 73  # our own pre-check: the restore destination already exists
+
+
+def restore_prepare_command(dest: str, *, force: bool) -> str:
+    """Make the restore's destination directory: a new one (refused when the
+    path exists), or with ``force`` an existing one too."""
+    dest = validate_path(dest)
+    q = shlex.quote(dest)
+    if force:
+        return f"mkdir -p -- {q}"
+    return (f"if [ -e {q} ] || [ -L {q} ]; then echo 'backhaul: {dest} exists' >&2; "
+            f"exit {EXIT_DEST_EXISTS}; fi; "
+            f"mkdir -p -- {shlex.quote(posixpath.dirname(dest) or '/')} && mkdir -- {q}")
+
+
+def restore_extract_command(dest: str, root: str, members: Iterable[str] = (),
+                            strip: int = 1) -> str:
+    """``tar xzf -`` into ``dest``, the archive's top directory ``root``
+    stripped (dest becomes the tree); ``members`` (relative to the tree)
+    select files or subtrees. GNU tar itself refuses absolute names, '..'
+    and writing through symlinks it extracted."""
+    dest = validate_path(dest)
+    names = [shlex.quote(f"{root}/{m}" if m and strip else root) for m in members]
+    return ("LC_ALL=C; export LC_ALL; "
+            f"exec tar -C {shlex.quote(dest)} --no-unquote --strip-components={int(strip)} "
+            "-xzf - "
+            + ("-- " + " ".join(names) if names else ""))

@@ -130,6 +130,23 @@ class Scheduler:
                          replace_existing=True, max_instances=2,
                          next_run_time=first_run_at or dt.datetime.now(dt.UTC))
 
+    def set_interval(self, target_id: int, every_minutes: int) -> None:
+        """A new frequency for the target's job. Its next run comes no later
+        than one new interval from now (a shorter interval applies at once)."""
+        soonest = dt.datetime.now(dt.UTC) + dt.timedelta(
+            seconds=every_minutes * self.minute_seconds)
+        job = self.aps.get_job(target_job(target_id))
+        if job is None:
+            self.add_target(target_id, every_minutes, first_run_at=soonest)
+            return
+        nxt = job.next_run_time
+        self.aps.modify_job(job.id, trigger=self.interval(every_minutes),
+                            next_run_time=min(nxt, soonest) if nxt else soonest)
+
+    def remove_probe(self, node_id: int) -> None:
+        for job_id in self._ids(f"probe:{node_id}:"):
+            self._remove(job_id)
+
     def remove_target(self, target_id: int) -> None:
         self._remove(target_job(target_id))
         self.cancel_retry(target_id)

@@ -40,7 +40,8 @@ from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
 from orchestrator.throttle import TokenBucket
-from storage.archives import ArchiveStore
+from orchestrator.verify_cmd import ArchiveCheck, Scrubber, archive_root, check_archive
+from storage.archives import ArchiveStore, rotate
 from storage.catalog import Catalog, Node, Target, TargetOptions, format_address, utcnow
 from storage.errors import NotFound, StorageError, TargetExists
 
@@ -127,6 +128,9 @@ class Server:
         self._janitor = threading.Thread(target=self._janitor_loop, name="ssh-janitor",
                                          daemon=True)
         self._janitor.start()
+        if self.settings.scrub_every > 0:
+            Scrubber(self.catalog, self.store,
+                     dt.timedelta(days=self.settings.scrub_every), self._stopping).start()
         self.started = True
         log.info("backhauld %s started: data dir %s, %d active targets", __version__,
                  self.data_dir, len(active))
@@ -301,7 +305,8 @@ class Server:
         attempts = node.probe_attempts + 1
         when = self.clock() + dt.timedelta(seconds=self.backoff(attempts))
         self.catalog.node_unreachable(node.id, node.last_error or "unreachable",
-                                      next_probe_at=when, probe_attempts=attempts)
+                                      next_probe_at=when, probe_attempts=attempts,
+                                      code=node.last_error_code or "unreachable")
         self.scheduler.schedule_probe(node.id, when)
         log.info("node %s unreachable: probe %d at %s", node.address, attempts,
                  when.isoformat(timespec="seconds"))
@@ -331,7 +336,7 @@ class Server:
                 attempts = node.probe_attempts + 1
                 when = self.clock() + dt.timedelta(seconds=self.backoff(attempts))
                 self.catalog.node_unreachable(node_id, exc.message, next_probe_at=when,
-                                              probe_attempts=attempts)
+                                              probe_attempts=attempts, code=exc.code)
                 if isinstance(exc, HostKeyMismatch):
                     log.error("node %s: %s", node.address, exc.message)
                 self.scheduler.schedule_probe(node_id, when)
@@ -414,7 +419,7 @@ class Server:
                 self._forget_node_if_new(node, existing_nodes)
                 raise
             reachable = False
-            self.catalog.node_unreachable(node.id, exc.message)
+            self.catalog.node_unreachable(node.id, exc.message, code=exc.code)
             warnings.append(f"{exc.message}; registered anyway: backhaul probes the node "
                             "and backs up as soon as it answers")
 
@@ -445,18 +450,69 @@ class Server:
             self.catalog.delete_node_if_unused(node.id)
 
     def unregister(self, target_id: int, *, purge: bool = False) -> tuple[Target, int]:
+        current = self.catalog.get_target(target_id)
+        if not current.active and not (
+                purge and self.catalog.list_archives(target_id, retained_only=True)):
+            # Saying "unregistered" twice would hide a typo or a stale script;
+            # purging what an earlier unregister kept is still allowed.
+            raise NotRegistered(current)
         target = self.catalog.unregister_target(target_id)
         self.scheduler.remove_target(target_id)
         purged = 0
         if purge:
             retained = self.catalog.list_archives(target_id, retained_only=True)
-            self.catalog.mark_archives_deleted([a["id"] for a in retained])
+            self.catalog.mark_archives_deleted([a["id"] for a in retained], reason="purged")
             for a in retained:
                 self.store.delete(a["file_name"])
             purged = len(retained)
         log.info("unregistered target %s (%s %s)%s", target_id, target.node.address,
                  target.path, f", purged {purged} archives" if purge else "")
         return target, purged
+
+    def forget_node(self, node_id: int) -> Node:
+        """``nodes --forget``: hide a node nothing is registered on any more (a
+        mistyped port, a retired machine). Its history stays in the catalog."""
+        node = self.catalog.get_node(node_id)
+        active = self.catalog.list_targets(node_id=node_id)
+        if active:
+            raise NodeInUse(node, [t.path for t in active])
+        self.scheduler.remove_probe(node_id)
+        self.pool.discard(NodeAddress(node.user, node.host, node.port))
+        log.info("node %s forgotten", node.address)
+        return self.catalog.forget_node(node_id)
+
+    def edit_target(self, target_id: int, *, every_minutes: int | None = None,
+                    keep: int | None = None) -> tuple[Target, list[int]]:
+        """``backhaul edit``: new frequency and/or keep for a registered target,
+        its history untouched. A lower keep rotates at once; returns the ids
+        of the archives that rotated out."""
+        target = self.catalog.get_target(target_id)
+        if not target.active:
+            raise TargetInactive(target_id)
+        if every_minutes is not None:
+            every_minutes = validation.every_minutes(every_minutes)
+        if keep is not None:
+            keep = validation.keep(keep)
+        updated = self.catalog.update_target(target_id, every_minutes=every_minutes, keep=keep)
+        if every_minutes is not None and every_minutes != target.every_minutes:
+            self.scheduler.set_interval(target_id, every_minutes)
+        rotated: list[int] = []
+        if keep is not None:
+            rotated = rotate(self.catalog, self.store, target_id, keep)
+        log.info("edited target %s (%s %s): every %d min, keep %d%s", target_id,
+                 target.node.address, target.path, updated.every_minutes, updated.keep,
+                 f"; rotated out archives {rotated}" if rotated else "")
+        return updated, rotated
+
+    def verify_archives(self, archive_ids: list[int] | None) -> list[ArchiveCheck]:
+        """``backhaul verify``: re-read the given archives (None: every kept one)."""
+        if archive_ids is None:
+            wanted = self.catalog.archives_due_for_scrub(self.clock() + dt.timedelta(days=1),
+                                                         limit=1_000_000)
+        else:
+            wanted = [self.catalog.get_archive(aid) for aid in archive_ids]
+        return [check_archive(self.catalog, self.store, a, archive_root(self.catalog, a))
+                for a in wanted]
 
     def trust_node(self, node_id: int, fingerprint: str | None) -> Node:
         """Forget a node's pinned host key after a deliberate change; the next
@@ -526,6 +582,27 @@ class TargetInactive(BackhaulError):
 
     def __init__(self, target_id: int) -> None:
         super().__init__(f"target {target_id} is unregistered; register it again to back it up")
+
+
+class NotRegistered(BackhaulError):
+    code = "target_unregistered"
+    http_status = 409
+
+    def __init__(self, target: Target) -> None:
+        when = target.unregistered_at.isoformat(timespec="seconds") \
+            if target.unregistered_at else "earlier"
+        super().__init__(f"{target.node.address} {target.path} is not registered "
+                         f"(target {target.id} was unregistered at {when})")
+
+
+class NodeInUse(BackhaulError):
+    code = "node_in_use"
+    http_status = 409
+
+    def __init__(self, node: Node, paths: list[str]) -> None:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        super().__init__(f"{node.address} still has {len(paths)} registered target(s) "
+                         f"({shown}); unregister them first")
 
 
 class WaitTimeout(BackhaulError):

@@ -140,6 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float),
     Setting("minute_seconds", "60", "length of a schedule 'minute' in seconds (lower it "
             "only to make tests and demos fast)", _positive_float),
+    Setting("scrub_every", "30", "days between re-reads of each kept archive (sha256, gzip, "
+            "tar), spread out one archive at a time; results go to the run log and "
+            "`backups` (0 = never)", _non_negative_float),
     Setting("log_format", "text", "log lines as `text` or `json`", _choice("text", "json")),
     Setting("log_level", "INFO", "DEBUG, INFO, WARNING or ERROR",
             _choice("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -347,6 +347,56 @@ class Connection:
         finally:
             with contextlib.suppress(Exception):
                 chan.close()
+
+    def exec_with_input(self, command: str, chunks: Iterable[bytes], *,
+                        what: str = "command", stderr_limit: int = 64 * 1024) -> ExecResult:
+        """Run ``command`` with ``chunks`` as its stdin (a restore's archive),
+        draining its stdout and stderr meanwhile; returns the exit status."""
+        with self.channels:
+            chan = self._open_channel()
+            drain = _StderrDrain(chan, stderr_limit)
+            out = bytearray()
+
+            def read_stdout() -> None:
+                with contextlib.suppress(Exception):
+                    while data := chan.recv(READ_SIZE):
+                        if len(out) < stderr_limit:
+                            out.extend(data[: stderr_limit - len(out)])
+
+            reader = threading.Thread(target=read_stdout, daemon=True, name="ssh-stdout")
+            try:
+                chan.settimeout(self.io_timeout)
+                try:
+                    chan.exec_command(command)
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    raise UnreachableNode(str(self.node), f"exec failed: {exc}") from exc
+                drain.start()
+                reader.start()
+                with self._lock:
+                    self.in_use += 1  # the janitor must not close it mid-restore
+                try:
+                    for chunk in chunks:
+                        chan.sendall(chunk)
+                    chan.shutdown_write()
+                except TimeoutError as exc:
+                    raise Timeout(str(self.node), what, self.io_timeout) from exc
+                except (paramiko.SSHException, EOFError, OSError):
+                    pass  # the command ended early: its exit status says why
+                finally:
+                    with self._lock:
+                        self.in_use -= 1
+                        self.last_used = time.monotonic()
+                if not chan.status_event.wait(self.io_timeout):
+                    raise Timeout(str(self.node), f"{what} (exit status)", self.io_timeout)
+                drain.join(self.io_timeout)
+                reader.join(self.io_timeout)
+                if chan.exit_status < 0:
+                    raise self._incomplete(what)
+                return ExecResult(chan.exit_status, drain.value(), drain.truncated, len(out),
+                                  drain.total, bytes(out))
+            finally:
+                with contextlib.suppress(Exception):
+                    chan.close()
 
 
 # -- the pool ----------------------------------------------------------------------

@@ -24,7 +24,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from storage.errors import CatalogError, NotFound, TargetExists
 
-SCHEMA_VERSION = 1
+# 2: nodes.last_error_code, nodes.forgotten_at; archives.deleted_reason,
+#    archives.verified_at, archives.verify_status, archives.verify_error.
+SCHEMA_VERSION = 2
 
 RUN_STATUSES = ("running", "success", "unchanged", "failed", "interrupted")
 
@@ -71,11 +73,15 @@ nodes = sa.Table(
     # NULL: never contacted; True/False: outcome of the last contact.
     sa.Column("reachable", sa.Boolean),
     sa.Column("last_error", sa.Text),
+    # The code of ``last_error`` (e.g. host_key_mismatch), so clients can name it.
+    sa.Column("last_error_code", sa.String(64)),
     sa.Column("last_seen_at", UTCDateTime),
     sa.Column("unreachable_since", UTCDateTime),
     sa.Column("probe_attempts", sa.Integer, nullable=False, default=0),
     sa.Column("next_probe_at", UTCDateTime),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set by `nodes --forget`: hidden from listings; its history stays.
+    sa.Column("forgotten_at", UTCDateTime),
     sa.UniqueConstraint("user", "host", "port", name="uq_nodes_address"),
 )
 
@@ -141,6 +147,13 @@ archives = sa.Table(
     sa.Column("file_name", sa.Text, nullable=False),
     sa.Column("fingerprint", sa.String(64)),
     sa.Column("deleted_at", UTCDateTime),
+    # Why the file went: 'rotated' (keep) or 'purged' (unregister --purge).
+    sa.Column("deleted_reason", sa.String(16)),
+    # The last re-read of the stored file (backhaul verify / scrub):
+    # verify_status 'ok' or 'corrupt' (NULL: never verified).
+    sa.Column("verified_at", UTCDateTime),
+    sa.Column("verify_status", sa.String(16)),
+    sa.Column("verify_error", sa.Text),
 )
 sa.Index("ix_archives_retained", archives.c.target_id,
          sqlite_where=archives.c.deleted_at.is_(None),
@@ -190,6 +203,8 @@ class Node:
     probe_attempts: int
     next_probe_at: dt.datetime | None
     created_at: dt.datetime
+    last_error_code: str | None = None
+    forgotten_at: dt.datetime | None = None
 
     @property
     def address(self) -> str:
@@ -288,6 +303,9 @@ class Catalog:
                 raise CatalogError(
                     f"catalog schema version {found} is newer than this backhaul "
                     f"({SCHEMA_VERSION}); upgrade backhaul")
+            elif found < SCHEMA_VERSION:
+                _add_missing_columns(conn)
+                conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
             # create_all adds no index to a table that already exists
             ix_runs_target_status.create(conn, checkfirst=True)
 
@@ -310,6 +328,10 @@ class Catalog:
                     sa.select(nodes).where(nodes.c.user == user, nodes.c.host == host,
                                            nodes.c.port == port)
                 ).one()
+            elif found.forgotten_at is not None:  # registered again: it is back
+                conn.execute(nodes.update().where(nodes.c.id == found.id)
+                             .values(forgotten_at=None))
+                found = conn.execute(sa.select(nodes).where(nodes.c.id == found.id)).one()
             return _node(_row(found))
 
     def get_node(self, node_id: int) -> Node:
@@ -326,9 +348,20 @@ class Catalog:
         with self._tx(write=False) as conn:
             return [_node(_row(r)) for r in conn.execute(q.order_by(nodes.c.id))]
 
-    def list_nodes(self) -> list[Node]:
+    def list_nodes(self, *, include_forgotten: bool = False) -> list[Node]:
+        q = sa.select(nodes)
+        if not include_forgotten:
+            q = q.where(nodes.c.forgotten_at.is_(None))
         with self._tx(write=False) as conn:
-            return [_node(_row(r)) for r in conn.execute(sa.select(nodes).order_by(nodes.c.id))]
+            return [_node(_row(r)) for r in conn.execute(q.order_by(nodes.c.id))]
+
+    def forget_node(self, node_id: int) -> Node:
+        """Hide a node from listings (``nodes --forget``). Its targets, runs and
+        archives stay: history is never deleted. Registering it again brings it back."""
+        with self._tx() as conn:
+            conn.execute(nodes.update().where(nodes.c.id == node_id)
+                         .values(forgotten_at=self.clock()))
+        return self.get_node(node_id)
 
     def pin_host_key(self, node_id: int, key_type: str, key_b64: str, fingerprint: str) -> bool:
         """Pin the key if none is pinned yet. Returns True when this call pinned it."""
@@ -357,16 +390,24 @@ class Catalog:
     def node_reachable(self, node_id: int) -> None:
         with self._tx() as conn:
             conn.execute(nodes.update().where(nodes.c.id == node_id).values(
-                reachable=True, last_error=None, last_seen_at=self.clock(),
+                reachable=True, last_error=None, last_error_code=None,
+                last_seen_at=self.clock(),
                 unreachable_since=None, probe_attempts=0, next_probe_at=None))
+
+    def node_error(self, node_id: int, code: str, error: str) -> None:
+        """The node answered but refused us (e.g. a changed host key): say so in
+        ``nodes`` without calling it unreachable (that would start probes)."""
+        with self._tx() as conn:
+            conn.execute(nodes.update().where(nodes.c.id == node_id).values(
+                last_error=error, last_error_code=code))
 
     def node_unreachable(self, node_id: int, error: str,
                          next_probe_at: dt.datetime | None = None,
-                         probe_attempts: int | None = None) -> Node:
+                         probe_attempts: int | None = None, code: str | None = None) -> Node:
         now = self.clock()
         with self._tx() as conn:
             values: dict[str, Any] = {
-                "reachable": False, "last_error": error,
+                "reachable": False, "last_error": error, "last_error_code": code,
                 "unreachable_since": sa.func.coalesce(nodes.c.unreachable_since, now),
             }
             if next_probe_at is not None:
@@ -611,9 +652,12 @@ class Catalog:
         return _row(found)
 
     def _runs_query(self) -> sa.Select:
-        return (sa.select(runs, targets.c.path, nodes.c.user, nodes.c.host, nodes.c.port)
+        # The archive's stored size beside the bytes on the wire: the two differ.
+        return (sa.select(runs, targets.c.path, nodes.c.user, nodes.c.host, nodes.c.port,
+                          archives.c.size.label("archive_size"))
                 .join(targets, targets.c.id == runs.c.target_id)
-                .join(nodes, nodes.c.id == targets.c.node_id))
+                .join(nodes, nodes.c.id == targets.c.node_id)
+                .outerjoin(archives, archives.c.id == runs.c.archive_id))
 
     def list_runs(self, *, target_ids: list[int] | None = None, node_ids: list[int] | None = None,
                   status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -642,6 +686,41 @@ class Catalog:
             return [_row(r) for r in conn.execute(
                 q.order_by(archives.c.created_at.desc(), archives.c.id.desc()))]
 
+    def list_archives_of_path(self, node_id: int, path: str) -> list[dict[str, Any]]:
+        """Every archive ever made of ``path`` on the node, across registrations."""
+        q = (sa.select(archives).join(targets, targets.c.id == archives.c.target_id)
+             .where(targets.c.node_id == node_id, targets.c.path == path))
+        with self._tx(write=False) as conn:
+            return [_row(r) for r in conn.execute(
+                q.order_by(archives.c.created_at.desc(), archives.c.id.desc()))]
+
+    def record_verification(self, archive_id: int, status: str, error: str | None) -> None:
+        assert status in ("ok", "corrupt")
+        with self._tx() as conn:
+            conn.execute(archives.update().where(archives.c.id == archive_id).values(
+                verified_at=self.clock(), verify_status=status, verify_error=error))
+
+    def archives_due_for_scrub(self, older_than: dt.datetime, limit: int = 100
+                               ) -> list[dict[str, Any]]:
+        """Kept archives not verified since ``older_than`` (never verified:
+        by creation time), the longest unchecked first."""
+        last = sa.func.coalesce(archives.c.verified_at, archives.c.created_at)
+        q = (sa.select(archives).where(archives.c.deleted_at.is_(None), last < older_than)
+             .order_by(last, archives.c.id).limit(limit))
+        with self._tx(write=False) as conn:
+            return [_row(r) for r in conn.execute(q)]
+
+    def record_check_run(self, target_id: int, trigger: str, *, archive_id: int,
+                         started_at: dt.datetime, ok: bool, message: str) -> int:
+        """One run-log row for a check of a stored archive (scrub): the run log
+        is where an operator looks for what happened to a target's backups."""
+        with self._tx() as conn:
+            return conn.execute(runs.insert().values(
+                target_id=target_id, started_at=started_at, finished_at=self.clock(),
+                status="success" if ok else "failed", trigger=trigger, bytes_transferred=0,
+                archive_id=archive_id, error_code=None if ok else "archive_corrupt",
+                message=message)).inserted_primary_key[0]
+
     def get_archive(self, archive_id: int) -> dict[str, Any]:
         with self._tx(write=False) as conn:
             found = conn.execute(sa.select(archives).where(archives.c.id == archive_id)).first()
@@ -654,13 +733,38 @@ class Catalog:
             return set(conn.execute(sa.select(archives.c.file_name)
                                     .where(archives.c.deleted_at.is_(None))).scalars())
 
-    def mark_archives_deleted(self, archive_ids: list[int]) -> None:
+    def mark_archives_deleted(self, archive_ids: list[int], reason: str = "rotated") -> None:
+        assert reason in ("rotated", "purged")
         if not archive_ids:
             return
         with self._tx() as conn:
             conn.execute(archives.update().where(archives.c.id.in_(archive_ids),
                                                  archives.c.deleted_at.is_(None))
-                         .values(deleted_at=self.clock()))
+                         .values(deleted_at=self.clock(), deleted_reason=reason))
+
+    def update_target(self, target_id: int, *, every_minutes: int | None = None,
+                      keep: int | None = None) -> Target:
+        values: dict[str, Any] = {}
+        if every_minutes is not None:
+            values["every_minutes"] = every_minutes
+        if keep is not None:
+            values["keep"] = keep
+        if values:
+            with self._tx() as conn:
+                conn.execute(targets.update().where(targets.c.id == target_id).values(**values))
+        return self.get_target(target_id)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Upgrade an older catalog in place: every schema change so far only adds
+    nullable columns, which ALTER TABLE ... ADD COLUMN does on every dialect."""
+    have = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in present:
+                kind = col.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}')
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

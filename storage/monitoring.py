@@ -55,7 +55,8 @@ def target_statuses(catalog: Catalog) -> list[TargetStatus]:
     """Every active target with its last attempt, last good run, newest
     archive, kept archives and run counts."""
     last_good = (sa.select(runs.c.target_id, sa.func.max(runs.c.id).label("run_id"))
-                 .where(runs.c.status.in_(GOOD)).group_by(runs.c.target_id).subquery())
+                 .where(runs.c.status.in_(GOOD), runs.c.trigger != "scrub")
+                 .group_by(runs.c.target_id).subquery())
     good_run = runs.alias("good_run")
     newest = (sa.select(archives.c.target_id, sa.func.max(archives.c.id).label("archive_id"))
               .group_by(archives.c.target_id).subquery())
@@ -83,7 +84,9 @@ def target_statuses(catalog: Catalog) -> list[TargetStatus]:
          .outerjoin(kept, kept.c.target_id == targets.c.id)
          .where(targets.c.unregistered_at.is_(None))
          .order_by(targets.c.id))
+    # A scrub's row in the run log re-reads an old archive: it is no backup.
     counts = (sa.select(runs.c.target_id, runs.c.status, sa.func.count().label("n"))
+              .where(runs.c.trigger != "scrub")
               .group_by(runs.c.target_id, runs.c.status))
     with catalog._tx(write=False) as conn:
         rows = conn.execute(q).all()

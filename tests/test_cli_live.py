@@ -184,7 +184,8 @@ def test_register_jobs_run_backups_history_download_unregister(
     newest = after[0]
     run = srv.runs(t["id"])[0]
     assert (run["status"], run["trigger"], run["archive_id"]) == ("success", "manual", newest["id"])
-    assert out.startswith(f"success: {addr(node)} {app}: run {run['id']}, archive {newest['id']}, ")
+    assert out.startswith(f"success: {addr(node)} {app}: run {run['id']}, archive {newest['id']} ("
+                          f"{size_text(newest['size'])} stored), ")
 
     # backups: date, human size and "kept" for every archive, via the env vars this time.
     table = ok(cli_env(srv, "backups", addr(node), str(app)))

@@ -531,7 +531,7 @@ def test_backups_resolves_the_active_target(api: StubAPI, env: dict[str, str | N
     assert lines[0].split() == ["CREATED", "SIZE", "BYTES", "STATE", "SHA256", "ID"]
     assert lines[1].split() == [
         "2026-11-27",
-        "04:40",
+        "04:40:00",
         "1.2",
         "MiB",
         "1258291",
@@ -539,7 +539,9 @@ def test_backups_resolves_the_active_target(api: StubAPI, env: dict[str, str | N
         sha[:12],
         "41",
     ]
-    assert lines[2].split() == ["2026-11-27", "04:35", "512", "B", "512", "rotated", sha[:12], "40"]
+    assert lines[2].split() == [
+        "2026-11-27", "04:35:00", "512", "B", "512", "rotated", sha[:12], "40"
+    ]  # fmt: skip
     assert lines[-1] == "root@10.0.0.5:22 /srv/app: 2 backups made, 1 kept (1.2 MiB)"
 
 
@@ -664,12 +666,17 @@ def test_history_of_a_node_filters_by_host_port_and_user(
     assert header.index("ERROR") == row.index("host_key_mismatch")
 
 
-def test_history_of_a_target_asks_by_target_id(api: StubAPI, env: dict[str, str | None]) -> None:
+def test_history_of_a_target_asks_by_node_and_path(
+    api: StubAPI, env: dict[str, str | None]
+) -> None:
+    # by node and path, not target id: every registration of that path is listed
     api.json("GET", "/api/v1/targets", {"targets": [target(id=3)]})
     api.json("GET", "/api/v1/runs", {"runs": []})
     result = invoke(api, ["history", "root@10.0.0.5", "/srv/app"], env)
     assert result.exit_code == 0, result.stderr
-    assert api.calls("GET", "/api/v1/runs")[0]["query"] == {"target_id": "3", "limit": "50"}
+    assert api.calls("GET", "/api/v1/runs")[0]["query"] == {
+        "host": "10.0.0.5", "port": "22", "user": "root", "path": "/srv/app", "limit": "50"
+    }  # fmt: skip
     assert result.stdout == "no runs\n"
 
 

@@ -60,6 +60,12 @@ OPERATIONS: list[tuple[str, str, str | None]] = [
     ("get", "/metrics", None),
     ("get", "/api/v1/targets/{target_id}/options", None),
     ("patch", "/api/v1/targets/{target_id}/options", None),
+    ("delete", "/api/v1/nodes/{node_id}", None),
+    ("patch", "/api/v1/targets/{target_id}", None),
+    ("post", "/api/v1/archives/verify", None),
+    # A restore reaches only nodes in the catalog (host key pinned): fuzzed
+    # hosts are loopback and fuzzed ports miss the one real node.
+    ("post", "/api/v1/archives/{archive_id}/restore", None),
 ]
 
 
