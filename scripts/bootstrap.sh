@@ -12,6 +12,8 @@ command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v tar >/dev/null 2>&1 || need+=(tar)
 command -v gzip >/dev/null 2>&1 || need+=(gzip)
 command -v pigz >/dev/null 2>&1 || need+=(pigz)
+# bsdtar: an independent reader of the archives backhaul writes (tests).
+command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 

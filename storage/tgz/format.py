@@ -144,6 +144,11 @@ class Entry:
     def key_part(self) -> bytes:
         return entry_key_part(self.header_sha256, self.sha256, self.size)
 
+    def header_key_part(self) -> bytes:
+        """Key part of a large entry's header member, which holds no content:
+        written before the content is seen, so the content hash is left out."""
+        return entry_key_part(self.header_sha256, None, self.size)
+
 
 @dataclass
 class HeaderInfo:

@@ -158,7 +158,7 @@ class Framer:
         self.flush_group()
         self.entries.append(entry)
         self.pos += header_len
-        self.emit(group_key([entry.key_part()]), header_len, [header])
+        self.emit(group_key([entry.header_key_part()]), header_len, [header])
 
     def add_chunk(self, key: str | None, sources: list[RawSource], r_len: int) -> None:
         self.pos += r_len

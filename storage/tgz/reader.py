@@ -205,7 +205,7 @@ def _key_members(idx: ArchiveIndex, raw_shas: list[bytes], eof_start: int) -> No
             a, b = starts[m.r_off], ends[end]
             m.key = group_key([e.key_part() for e in idx.entries[a:b + 1]])
         elif m.r_off in starts and end in heads and heads[end] == starts[m.r_off]:
-            m.key = group_key([idx.entries[starts[m.r_off]].key_part()])
+            m.key = group_key([idx.entries[starts[m.r_off]].header_key_part()])
         else:
             m.key = ""
             i = bisect.bisect_right(h_offs, m.r_off) - 1
