@@ -138,3 +138,44 @@ def extract_with(tool: str, archive: Path, dest: Path) -> Path:
 
 def bsdtar_available() -> bool:
     return shutil.which("bsdtar") is not None
+
+
+def tar_entries(raw: bytes) -> list[tuple[str, bytes, bytes]]:
+    """(path, raw header blocks, content) of each entry, as tarfile sees them."""
+    import tarfile
+
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(raw), encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for ti in tf.getmembers():
+            data = raw[ti.offset_data:ti.offset_data + ti.size] if ti.isreg() else b""
+            out.append((ti.name, raw[ti.offset:ti.offset_data], data))
+    return out
+
+
+def compose_like_a_delta(prev_archive: bytes, prev_index: ArchiveIndex, new_raw: bytes,
+                         patches: dict | None = None):
+    """Builds the archive of ``new_raw`` from the previous one the way the
+    orchestrator does: unchanged content is copied (with the new header when
+    metadata changed), ``patches`` (path -> pieces) patch, the rest is added."""
+    from storage.tgz import Composer
+
+    patches = patches or {}
+    out = io.BytesIO()
+    comp = Composer(out.write, reader_of(prev_archive, prev_index))
+    for path, header, data in tar_entries(new_raw):
+        old = prev_index.by_path(path)
+        if path in patches:
+            assert old is not None
+            comp.patch(old, header, len(data), patches[path])
+        elif old is not None and old.type == "0" and old.sha256 == hashlib.sha256(data).digest() \
+                and old.size == len(data):
+            comp.copy(old, None if hashlib.sha256(header).digest() == old.header_sha256
+                      else header)
+        elif old is not None and old.type != "0" and old.header_sha256 == \
+                hashlib.sha256(header).digest():
+            comp.copy(old)
+        else:
+            comp.add(header, [data[i:i + 100_000] for i in range(0, len(data), 100_000)])
+    index = comp.finish()
+    return out.getvalue(), index, comp
