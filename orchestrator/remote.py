@@ -165,15 +165,17 @@ def _carry(pipeline_head: str, pipeline_tail: str) -> str:
 
 
 def scan_command(path: str) -> str:
-    """Node time, fingerprint, then one gzip section of what changed.
+    """Node time, fingerprint, then (when asked for and the fingerprint
+    differs from the one given) one gzip section of what changed.
 
-    stdin: one line, the time (seconds since the epoch, decimal) from which
-    changes are wanted, or an empty line. The node time is taken before find
-    runs, so the next scan from it cannot miss a change made during this one.
-    The gzip section holds ``C<record>`` for each entry whose ctime is newer,
-    and for each such directory ``D<relative path>\\0`` followed by
-    ``c<record>`` for each of its children (their %P is the child's name):
-    that is how deletions and renames show.
+    stdin: two lines, the time (seconds since the epoch, decimal) from which
+    changes are wanted or an empty line, and the fingerprint the server holds.
+    The node time is taken before find runs, so the next scan from it cannot
+    miss a change made during this one. The gzip section holds ``C<record>``
+    for each entry whose ctime is newer, and for each such directory
+    ``D<relative path>\\0`` followed by ``c<record>`` for each of its children
+    (their %P is the child's name): that is how deletions and renames show.
+    An unchanged tree costs the two lines only.
     """
     path = validate_path(path)
     q = shlex.quote(path)
@@ -185,12 +187,16 @@ def scan_command(path: str) -> str:
     return (
         "LC_ALL=C; export LC_ALL; "
         + _precheck(path)
-        + "IFS= read -r t || :; case \"$t\" in *[!0-9.]*) t=;; esac; "
-        + "date +%s.%N; exec 4>&1; "
-        + _carry(f"find {q} -ignore_readdir_race -printf {fmt}", "sort -z | sha256sum")
-        + 'if [ -n "$t" ]; then '
+        + "IFS= read -r t || :; IFS= read -r prev || :; "
+        + "case \"$t\" in *[!0-9.]*) t=;; esac; "
+        + "date +%s.%N; "
+        # find's status comes out first on fd 3, then the digest
+        + f"out=$( {{ {{ find {q} -ignore_readdir_race -printf {fmt}; echo $? >&3; }} "
+        + "| sort -z | sha256sum; } 3>&1 ); set -- $out; "
+        + '[ "$1" = 0 ] || exit "$1"; echo "$2  -"; '
+        + 'if [ -n "$t" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
         + _carry(changed, "gzip -1")
-        + "else : | gzip -1; fi; exit 0"
+        + "fi; exit 0"
     )
 
 

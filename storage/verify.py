@@ -57,6 +57,18 @@ class TarGzVerifier:
             self.raw_bytes += len(out)
             self._tar(out)
 
+    def feed_raw(self, raw: bytes) -> None:
+        """The tar layer alone, for a caller that inflates the stream itself."""
+        self.raw_bytes += len(raw)
+        self._tar(raw)
+
+    def finish_raw(self) -> None:
+        """``finish`` for a stream fed through ``feed_raw``."""
+        if not self.end_seen:
+            raise InvalidArchive("the tar archive is truncated (no end-of-archive marker)")
+        if self.members == 0:
+            raise InvalidArchive("the archive holds no files")
+
     def finish(self) -> None:
         try:
             tail = self._z.flush()
