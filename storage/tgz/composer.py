@@ -13,7 +13,6 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
 from storage.errors import InvalidArchive
-from storage.tgz.deflate import DEFAULT_LEVEL
 from storage.tgz.format import (
     CHUNK,
     Entry,
@@ -38,10 +37,10 @@ class Composer:
     """
 
     def __init__(self, out: Callable[[bytes], None], prev: ArchiveReader | None, *,
-                 level: int = DEFAULT_LEVEL,
+                 level: int | None = None, backend: str | None = None,
                  block_size: Callable[[int], int] = block_size_for) -> None:
         self.prev = prev
-        self._f = Framer(out, level, prev)
+        self._f = Framer(out, level, prev, backend)
         self._stream = EntryStream(self._f, block_size)
         self._last: tuple[bytes, ...] | None = None
         self._finished = False

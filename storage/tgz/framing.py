@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from storage.errors import InvalidArchive
-from storage.tgz.deflate import DEFAULT_LEVEL, compress_member
+from storage.tgz.deflate import compressor
 from storage.tgz.format import (
     CHUNK,
     GROUP_MAX,
@@ -71,10 +71,10 @@ class Framer:
     """Lays entries out in members and writes them; reuses a previous
     archive's member (compressed bytes verbatim) whenever the keys match."""
 
-    def __init__(self, out: Callable[[bytes], None], level: int = DEFAULT_LEVEL,
-                 prev: ArchiveReader | None = None) -> None:
+    def __init__(self, out: Callable[[bytes], None], level: int | None = None,
+                 prev: ArchiveReader | None = None, backend: str | None = None) -> None:
         self._out = out
-        self.level = level
+        self._compress = compressor(backend, level)
         self.prev = prev
         self._prev_by_key = prev.index.members_by_key() if prev is not None else {}
         self.members: list[Member] = []
@@ -116,7 +116,7 @@ class Framer:
                 raw = _join(sources)
             if len(raw) != r_len:
                 raise AssertionError(f"member raw length {len(raw)} != {r_len}")
-            data = compress_member(raw, self.level)
+            data = self._compress(raw)
             self.members_compressed += 1
             self.raw_bytes_compressed += r_len
         m = Member(self.c_off, len(data), self.r_off, r_len, key)
@@ -276,9 +276,10 @@ class FramingWriter:
     ``InvalidArchive`` for a stream that is not one complete tar archive).
     """
 
-    def __init__(self, out: Callable[[bytes], None], *, level: int = DEFAULT_LEVEL,
+    def __init__(self, out: Callable[[bytes], None], *, level: int | None = None,
+                 backend: str | None = None,
                  block_size: Callable[[int], int] = block_size_for) -> None:
-        self._framer = Framer(out, level)
+        self._framer = Framer(out, level, None, backend)
         self._stream = EntryStream(self._framer, block_size)
         self._scanner = TarScanner(self._stream)  # type: ignore[arg-type]
         self._finished = False
