@@ -74,7 +74,9 @@ class Server:
         self.engine = BackupEngine(self.catalog, self.store, self.pool,
                                    per_node=settings.per_node, max_runs=settings.workers,
                                    throttle=bucket.take if bucket else None,
-                                   use_pigz=settings.compressor == "auto")
+                                   use_pigz=settings.compressor == "auto",
+                                   full_every=settings.full_every,
+                                   use_node_python=settings.node_python == "auto")
         self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
                                    minute_seconds=settings.minute_seconds)
         self.manual = ThreadPoolExecutor(max_workers=settings.workers,
@@ -335,14 +337,14 @@ class Server:
             log.exception("probe of node %s crashed", node_id)
 
     def run_now(self, target_id: int, *, wait: bool,
-                timeout: float | None = None) -> dict[str, Any] | None:
+                timeout: float | None = None, full: bool = False) -> dict[str, Any] | None:
         """Back up now (the API's ``run``). With ``wait``, returns the run row."""
         target = self.catalog.get_target(target_id)
         if not target.active:
             raise TargetInactive(target_id)
 
         def manual() -> RunResult:
-            result = self.engine.run(target_id, "manual", queue=True)
+            result = self.engine.run(target_id, "manual", queue=True, full=full)
             try:
                 self.after_run(target, result)
             except Exception:  # noqa: BLE001

@@ -219,3 +219,39 @@ def test_rotation_after_twelve_deltas_leaves_ten_independent_archives(
         shutil.copy(eng.store.root / a["file_name"], alone / "a.tar.gz")
         got = tree_state(extract(alone / "a.tar.gz", alone / "x") / "app")
         assert got == states[a["id"]]
+
+
+def test_api_and_cli_show_how_each_run_transferred(live, node: SSHD, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main as cli_main
+    src = tmp_path / "app"
+    _base_tree(src)
+    t = live.register(node, src, every=100000)
+    addr = f"{node.user}@{node.host}:{node.port}"
+    env = {"BACKHAUL_URL": live.url, "BACKHAUL_TOKEN": live.token}
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        r = runner.invoke(cli_main, list(args), env=env, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    # Registration starts the first backup: a full one.
+    live.wait_for(lambda: [r for r in live.runs(t["id"]) if r["status"] != "running"],
+                  30, "the first run")
+    (src / "sub" / "f1.txt").write_text("changed\n")
+    assert "(delta)" in cli("run", addr, str(src), "--wait")
+    cli("run", addr, str(src), "--wait")  # unchanged
+    out = json.loads(cli("run", addr, str(src), "--wait", "--full", "--json"))
+    assert (out["run"]["status"], out["run"]["transfer"]) == ("success", "full")
+    runs = live.runs(t["id"])
+    assert [r["transfer"] for r in runs] == ["full", "none", "delta", "full"]
+    hist = json.loads(cli("history", addr, str(src), "--json"))
+    assert [r["transfer"] for r in hist["runs"]] == ["full", "none", "delta", "full"]
+    assert "(full)" in cli("run", addr, str(src), "--wait", "--full")
+    table = cli("history", addr, str(src))
+    assert "TRANSFER" in table and "delta" in table
