@@ -92,7 +92,7 @@ def eof_bytes(raw_size_before: int) -> bytes:
     return b"\0" * (2 * BLOCK + (-end) % RECORD)
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
     """One gzip member: where it sits compressed and raw, and its key."""
 
@@ -103,7 +103,7 @@ class Member:
     key: str  # "" when the member does not follow the framing (no reuse)
 
 
-@dataclass
+@dataclass(slots=True)  # an index may hold millions
 class Entry:
     path: str
     type: str

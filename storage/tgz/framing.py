@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from storage.errors import InvalidArchive
-from storage.tgz.deflate import compressor
+from storage.tgz.deflate import compressor, inflate_member
 from storage.tgz.format import (
     CHUNK,
     GROUP_MAX,
@@ -72,8 +72,10 @@ class Framer:
     archive's member (compressed bytes verbatim) whenever the keys match."""
 
     def __init__(self, out: Callable[[bytes], None], level: int | None = None,
-                 prev: ArchiveReader | None = None, backend: str | None = None) -> None:
+                 prev: ArchiveReader | None = None, backend: str | None = None,
+                 verify_copies: bool = False) -> None:
         self._out = out
+        self._verify_copies = verify_copies
         self._compress = compressor(backend, level)
         self.prev = prev
         self._prev_by_key = prev.index.members_by_key() if prev is not None else {}
@@ -108,6 +110,8 @@ class Framer:
                 log.warning("previous archive member at %d does not match its index; "
                             "recompressing", old.c_off)
                 data = None
+            elif self._verify_copies and not self._copy_intact(data, old):
+                data = None
             else:
                 self.members_copied += 1
                 self.bytes_copied += len(data)
@@ -126,6 +130,19 @@ class Framer:
         self.c_off += len(data)
         self.r_off += r_len
         return m
+
+    def _copy_intact(self, data: bytes, old: Member) -> bool:
+        """Inflates a member about to be copied (gzip checks its CRC32), so a
+        damaged previous archive is not carried into the next one."""
+        n = 0
+        try:
+            for piece in inflate_member(data):
+                n += len(piece)
+        except InvalidArchive as exc:
+            log.warning("previous archive member at %d is damaged (%s); recompressing",
+                        old.c_off, exc.message)
+            return False
+        return n == old.r_len
 
     # -- entries ----------------------------------------------------------------
 
