@@ -241,7 +241,9 @@ def has_python_command() -> str:
 # stdin: records ``op\0name\0a\0b\0``: T name old_size old_sha256 | H name
 # block_size - | B name block_size comma-separated-indexes. Replies, in order,
 # gzip'd: ``gone\n`` | ``mismatch\n`` | T: ``ok\n`` (``D <n>\n`` data)* ``E <sha>\n``
-# | H: ``ok <size> <count>\n`` + count x 32 hex | B: ``ok\n`` (``K <i> <n>\n``
+# | H: ``ok <size> <count>\n`` + count x 16 hex (the first 8 bytes of each
+# block's sha256: enough to find changed blocks, as the whole-file hash
+# checks the result) | B: ``ok\n`` (``K <i> <n>\n``
 # data)* ``E <sha>\n``. The whole-file sha256 is taken in the same pass.
 NODE_PY = """
 import sys, hashlib, gzip
@@ -262,7 +264,7 @@ for k in range(0, len(d) - 3, 4):
                 c = f.read(bs)
                 if not c:
                     break
-                z += len(c); hs.append(hashlib.sha256(c).hexdigest()[:32].encode())
+                z += len(c); hs.append(hashlib.sha256(c).hexdigest()[:16].encode())
             w(b"ok %d %d\\n" % (z, len(hs))); w(b"".join(hs))
         elif op == b"T":
             r = int(a); x = hashlib.sha256(); y = hashlib.sha256()

@@ -94,7 +94,7 @@ PAYLOADS: dict[str, dict[str, bytes]] = {
         "py.1": gzip.compress(b"ok\nD 5000\n" + b"x" * 100 + b"E " + SHA + b"\n")},
     "tail-malformed": {"py.1": gzip.compress(b"ok\nQ what\n")},
     "block-list-disagrees-with-size": {
-        "py.1": gzip.compress(b"ok 2000000 3\n" + b"ab" * 48)},
+        "py.1": gzip.compress(b"ok 2000000 3\n" + b"ab" * 24)},
     "block-beyond-eof": {
         "py.2": gzip.compress(b"ok\nK 99999 10\n" + b"y" * 10 + b"E " + SHA + b"\n")},
     "block-not-asked-for": {

@@ -53,6 +53,9 @@ TAIL_MIN = 64 * 1024  # below this a grown file is simply fetched whole
 # no more than a full: the engine makes it one.
 FULL_FRACTION = 0.8
 _HEX = frozenset(b"0123456789abcdef")
+# Block hashes cross the wire cut to 8 bytes: a collision can only make a
+# changed block look unchanged, and the whole-file sha256 catches that.
+HASH_HEX = 16
 
 
 class NeedFull(Exception):
@@ -307,21 +310,22 @@ class DeltaRun:
         size = _int(it, parts[1])
         if framed:
             count = _int(it, parts[2])
-            raw = cur.read(count * 32)
-            hashes = [raw[i:i + 32] for i in range(0, len(raw), 32)]
+            raw = cur.read(count * HASH_HEX)
+            hashes = [raw[i:i + HASH_HEX] for i in range(0, len(raw), HASH_HEX)]
         else:
             hashes = []
             for line in cur.read(cur.rest()).split(b"\n"):
                 if line:
-                    hashes.append(line.split(b" ", 1)[0][:32])
+                    hashes.append(line.split(b" ", 1)[0][:HASH_HEX])
         if len(hashes) != math.ceil(size / it.bs) or any(
-                len(h) != 32 or not set(h) <= _HEX for h in hashes):
+                len(h) != HASH_HEX or not set(h) <= _HEX for h in hashes):
             raise _bad(it, f"a block list that disagrees with its size {size}")
         if size != it.rec.size:
             return self._race(it, f"size {size} while the listing says {it.rec.size}")
         old = it.old.block_hashes
         new = [bytes.fromhex(h.decode()) for h in hashes]
-        it.want = [i for i, h in enumerate(new) if i >= len(old) or old[i] != h]
+        n = HASH_HEX // 2
+        it.want = [i for i, h in enumerate(new) if i >= len(old) or old[i][:n] != h]
         if not it.want:
             it.node_sha = None  # content unchanged; checked against the old hash below
             if size == it.old.size:
