@@ -95,7 +95,8 @@ class BackupEngine:
                  per_node: int = 2, max_runs: int = 8, stderr_limit: int = 64 * 1024,
                  throttle: Callable[[int], None] | None = None,
                  use_pigz: bool = True, full_every: int = 0,
-                 use_node_python: bool = True, delta: bool = True, level: int = 6) -> None:
+                 use_node_python: bool = True, delta: bool = True,
+                 level: int | None = None) -> None:
         self.catalog = catalog
         self.store = store
         self.pool = pool
@@ -108,7 +109,7 @@ class BackupEngine:
         # False: the node's python3 is never used (the coreutils path).
         self.use_node_python = use_node_python
         self.delta = delta
-        self.level = level  # gzip level of the members the server compresses
+        self.level = level  # deflate level for the server (None: storage.tgz default)
         # Scheduled and manual runs together: the global concurrency bound.
         self._run_slots = threading.BoundedSemaphore(max_runs)
         self._lock = threading.Lock()

@@ -425,8 +425,8 @@ class DeltaRun:
 
     # -- compose and verify -------------------------------------------------------------
 
-    def compose(self, out: Callable[[bytes], None], level: int) -> tuple[ArchiveIndex, list[Item],
-                                                                       dict[str, int]]:
+    def compose(self, out: Callable[[bytes], None],
+                level: int | None) -> tuple[ArchiveIndex, list[Item], dict[str, int]]:
         """Writes the new archive; returns its index, the reassembled files
         whose hash differs from the node's, and the composer's stats."""
         composer = Composer(out, self.prev, level=level)
