@@ -79,9 +79,10 @@ def frame(raw: bytes, seed: int = 0) -> tuple[bytes, ArchiveIndex]:
     out = io.BytesIO()
     w = FramingWriter(out.write)
     pos = 0
+    view = memoryview(raw)
     while pos < len(raw):
         n = rng.choice([1, 511, 512, 513, 4096, 65536, 300_000])
-        w.feed(raw[pos:pos + n])
+        w.feed(view[pos:pos + n] if n % 2 else raw[pos:pos + n])
         pos += n
     index = w.finish()
     return out.getvalue(), index

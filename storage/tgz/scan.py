@@ -46,7 +46,7 @@ class TarScanner:
 
     def feed(self, raw: bytes | bytearray | memoryview) -> None:
         if self._state == "end":
-            if raw.count(0) != len(raw):
+            if bytes(raw).count(0) != len(raw):
                 raise InvalidArchive("the tar stream has data after its end-of-archive marker")
             self.offset += len(raw)
             return
