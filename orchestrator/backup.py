@@ -28,14 +28,20 @@ from orchestrator.errors import (
     RunInProgress,
 )
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
-from orchestrator.transfer.delta import FULL_FRACTION, DeltaPlan, DeltaRun, archive_path
+from orchestrator.transfer.delta import (
+    FULL_FRACTION,
+    CachingReader,
+    DeltaPlan,
+    DeltaRun,
+    archive_path,
+)
 from orchestrator.transfer.listing import fingerprint as listing_fingerprint
 from orchestrator.transfer.listing import parse_listing, parse_record, rebuild
 from orchestrator.transfer.stream import Inflater, Spool, inflate_all
 from storage.archives import ArchiveFacts, ArchiveStore, node_dir_name, rotate
 from storage.catalog import Catalog, Target
 from storage.errors import InvalidArchive, StorageError
-from storage.tgz import ArchiveIndex, ArchiveReader, FramingWriter
+from storage.tgz import ArchiveIndex, FramingWriter
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -291,7 +297,7 @@ class BackupEngine:
         prev_fd = os.open(self.store.path_of(prev_file), os.O_RDONLY)
         spool = Spool(str(self.store.root))
         try:
-            reader = ArchiveReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
+            reader = CachingReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
             run = DeltaRun(node, root, plan, reader, spool)
             run.refine()
             run.fetch([it for it in plan.items if it.kind == "fetch"])
