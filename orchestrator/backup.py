@@ -36,7 +36,7 @@ from orchestrator.transfer.delta import (
     archive_path,
 )
 from orchestrator.transfer.listing import fingerprint as listing_fingerprint
-from orchestrator.transfer.listing import parse_listing, parse_record, rebuild
+from orchestrator.transfer.listing import parse_listing, rebuild
 from orchestrator.transfer.stream import Inflater, Spool, inflate_all
 from storage.archives import ArchiveFacts, ArchiveStore, node_dir_name, rotate
 from storage.catalog import Catalog, Target
@@ -257,7 +257,10 @@ class BackupEngine:
             index = self.store.load_index(newest["file_name"])
         except StorageError as exc:
             return None, f"the newest archive's index is unusable: {exc.message}"
-        if not index.framed or not index.entries or any(e.record is None for e in index.entries):
+        # An entry without a record (created between the listing and tar)
+        # is simply fetched again; an index without any (rebuilt from its
+        # archive) cannot say what changed.
+        if not index.framed or not any(e.record is not None for e in index.entries):
             return None, "the newest archive's index has no listing records"
         return (newest["file_name"], index), None
 
@@ -267,9 +270,10 @@ class BackupEngine:
         when they hash to the node's fingerprint, else fetched whole."""
         try:
             old = {}
+            skip = len(posixpath.basename(target.path)) + 1
             for e in prev.entries:
-                assert e.record is not None
-                old[parse_record(e.record).rel] = e.record
+                if e.record is not None:
+                    old[e.path[skip:].encode("utf-8", "surrogateescape")] = e.record
             rebuilt = rebuild(old, inflate_all(section, LISTING_LIMIT))
             if listing_fingerprint(rebuilt.values()) == fingerprint:
                 return rebuilt
