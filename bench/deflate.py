@@ -4,6 +4,9 @@ against the rate a node's gzip / pigz produces that stream.
 
     .venv/bin/python -m bench.deflate [PATH ...]
 
+isal is a [server] dependency; zlib-ng is measured when installed
+(``.venv/bin/pip install zlib-ng``), else its rows say "not installed".
+
 The server inflates the node's gzip stream and re-frames it while receiving,
 so re-framing (plus inflating) must run faster than the node compresses, or
 the full backup gets slower than ``ssh node tar czf -``. Figures are MB/s of
