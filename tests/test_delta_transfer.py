@@ -255,3 +255,30 @@ def test_api_and_cli_show_how_each_run_transferred(live, node: SSHD, tmp_path: P
     assert "(full)" in cli("run", addr, str(src), "--wait", "--full")
     table = cli("history", addr, str(src))
     assert "TRANSFER" in table and "delta" in table
+
+
+@pytest.mark.parametrize("python", [True, False], ids=["python3", "coreutils"])
+def test_restricted_key_allows_every_delta_command(eng: Engine, server_key: ServerKey,
+                                                   tmp_path: Path, python: bool) -> None:
+    """A `pubkey --restricted` key runs scans, fetches and both refinements:
+    what changes per run travels on stdin, so the hash list stays fixed."""
+    from orchestrator import remote
+    src = tmp_path / "app"
+    _base_tree(src)
+    eng.engine.use_node_python = python
+    line = remote.restricted_key_line(server_key.public_line, [str(src)])
+    with SSHD(tmp_path / "rnode", [line], host="127.0.0.5") as sshd:
+        target = eng.register(sshd, src)
+        assert eng.engine.run(target.id).transfer == "full"
+        with open(src / "log.txt", "ab") as f:
+            f.write(os.urandom(5000))  # tail
+        with open(src / "db.bin", "r+b") as f:
+            f.seek(2_000_000)
+            f.write(os.urandom(300))  # blocks
+        (src / "sub" / "new.txt").write_text("new\n")  # fetch
+        os.unlink(src / "sub" / "f2.txt")
+        res = eng.engine.run(target.id)
+        assert (res.status, res.transfer) == ("success", "delta"), res.message
+        assert res.bytes_transferred < 100_000
+        check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
+        assert eng.engine.run(target.id, full=True).transfer == "full"
