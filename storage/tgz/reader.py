@@ -48,24 +48,29 @@ class ArchiveReader:
         return data
 
     def _member_raw(self, i: int) -> Iterator[bytes]:
+        """The member's raw bytes. A member of at most CACHE_MAX raw bytes is
+        inflated whole and kept, so reading its entries one by one (a group
+        being recompressed) inflates it once; a bigger one is streamed."""
         if self._cache is not None and self._cache[0] == i:
             yield self._cache[1]
             return
         m = self.index.members[i]
-        keep = m.r_len <= CACHE_MAX
-        parts: list[bytes] = []
+        if m.r_len <= CACHE_MAX:
+            raw = b"".join(self._inflate(m))
+            self._cache = (i, raw)
+            yield raw
+            return
+        yield from self._inflate(m)
+
+    def _inflate(self, m: Member) -> Iterator[bytes]:
         n = 0
         for piece in inflate_member(self.member_bytes(m), INFLATE_STEP):
             n += len(piece)
             if n > m.r_len:
                 raise InvalidArchive(f"an archive member at {m.c_off} is longer than indexed")
-            if keep:
-                parts.append(piece)
             yield piece
         if n != m.r_len:
             raise InvalidArchive(f"an archive member at {m.c_off} is shorter than indexed")
-        if keep:
-            self._cache = (i, b"".join(parts))
 
     def read_raw(self, start: int, end: int) -> Iterator[bytes]:
         """The raw (inflated) tar bytes ``[start, end)``, in pieces."""
