@@ -13,6 +13,7 @@ import os
 import posixpath
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TAR_WARNINGS_EXIT = 1  # GNU tar: some files changed or vanished while read
 LISTING_LIMIT = 1 << 30  # raw bytes of a node's listing we are willing to hold
+INDEX_CACHE = 8  # indexes kept in memory (a 6,000-entry index is a few MB)
 
 
 class CatalogHostKeys:
@@ -116,6 +118,9 @@ class BackupEngine:
         self.use_node_python = use_node_python
         self.delta = delta
         self.level = level  # deflate level for the server (None: storage.tgz default)
+        # The indexes of the newest archives this engine wrote, by file name:
+        # the next delta of the target starts from it without re-reading it.
+        self._indexes: OrderedDict[str, ArchiveIndex] = OrderedDict()
         # Scheduled and manual runs together: the global concurrency bound.
         self._run_slots = threading.BoundedSemaphore(max_runs)
         self._lock = threading.Lock()
@@ -234,6 +239,12 @@ class BackupEngine:
         return self._commit(target, run_id, facts, fingerprint, wire, warnings, "full",
                             node_time)
 
+    def _remember(self, file_name: str, index: ArchiveIndex) -> None:
+        with self._lock:
+            self._indexes[file_name] = index
+            while len(self._indexes) > INDEX_CACHE:
+                self._indexes.popitem(last=False)
+
     def _why_full(self, target: Target, full: bool, since: str | None) -> str | None:
         if full:
             return "asked for"
@@ -254,7 +265,10 @@ class BackupEngine:
         if newest["fingerprint"] != target.last_fingerprint:
             return None, "the newest archive is not the last backup"
         try:
-            index = self.store.load_index(newest["file_name"])
+            with self._lock:
+                index = self._indexes.get(newest["file_name"])
+            if index is None:
+                index = self.store.load_index(newest["file_name"])
         except StorageError as exc:
             return None, f"the newest archive's index is unusable: {exc.message}"
         # An entry without a record (created between the listing and tar)
@@ -321,6 +335,7 @@ class BackupEngine:
                                             "(kept as read)")
                     index.fingerprint, index.node_time = fingerprint, node_time
                     facts = writer.commit(index)
+                    self._remember(facts.file_name, index)
                     log.info("target %s: delta %s", target.id, stats)
                     return facts, run.warnings
             raise AssertionError("unreachable")
@@ -353,6 +368,7 @@ class BackupEngine:
             index.set_records({archive_path(root, rel): raw for rel, raw in records.items()})
             index.fingerprint, index.node_time = fingerprint, node_time
             facts = writer.commit(index)
+            self._remember(facts.file_name, index)
         warnings = [res.stderr_text.strip()] if res.stderr_text.strip() else []
         return facts, warnings
 
