@@ -59,7 +59,8 @@ def test_an_index_that_disagrees_with_the_bytes_is_refused(framed, tmp_path: Pat
     assert store.files() == set() and not list(store.root.glob("*/*/*"))
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "other-size"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "other-size",
+                                    "bad-offsets"])
 def test_a_lost_or_damaged_index_is_rebuilt(framed, tmp_path: Path, damage: str) -> None:
     _, archive, index = framed
     store = ArchiveStore(tmp_path / "s")
@@ -71,9 +72,13 @@ def test_a_lost_or_damaged_index_is_rebuilt(framed, tmp_path: Path, damage: str)
         idx_path.write_bytes(b"\x1f\x8b garbage")
     elif damage == "truncated":
         idx_path.write_bytes(idx_path.read_bytes()[:200])
-    else:
+    elif damage == "other-size":
         other = ArchiveIndex.loads(idx_path.read_bytes())
         other.archive_size += 1
+        idx_path.write_bytes(other.dumps())
+    else:
+        other = ArchiveIndex.loads(idx_path.read_bytes())
+        other.members[3].c_off += 1
         idx_path.write_bytes(other.dumps())
     rebuilt = store.load_index(name)
     assert rebuilt.members == index.members

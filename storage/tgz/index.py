@@ -126,7 +126,24 @@ class ArchiveIndex:
                 idx.entries.append(_entry_from(obj))
         if len(idx.members) != head["members"] or len(idx.entries) != head["entries"]:
             raise InvalidIndex("the archive index is truncated")
+        idx._check()
         return idx
+
+    def _check(self) -> None:
+        """Members tile the archive and the tar stream; entries lie inside it
+        in order. A parseable index that fails this is damaged all the same."""
+        c = r = 0
+        for m in self.members:
+            if m.c_off != c or m.r_off != r or m.c_len <= 0 or m.r_len < 0:
+                raise InvalidIndex("the archive index's members do not tile the archive")
+            c, r = c + m.c_len, r + m.r_len
+        if c != self.archive_size or r != self.raw_size:
+            raise InvalidIndex("the archive index's members do not add up to the archive")
+        prev = -1
+        for e in self.entries:
+            if not prev < e.h_off < e.d_off <= e.end <= self.raw_size:
+                raise InvalidIndex(f"the archive index places {e.path!r} wrongly")
+            prev = e.h_off
 
 
 def _line(obj: dict[str, Any]) -> bytes:
