@@ -445,9 +445,10 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
         if not state.json:
             if status == "success":
                 detail = (
-                    f"archive {r.get('archive_id')} ({r.get('transfer') or 'full'}), "
+                    f"archive {r.get('archive_id')}, "
                     f"{output.human_size(r.get('bytes_transferred'))} in "
                     f"{output.human_duration(r.get('duration_seconds'))}"
+                    + (f" ({r['transfer']})" if r.get("transfer") else "")
                 )
             else:
                 detail = "nothing changed since the last backup"
