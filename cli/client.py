@@ -310,8 +310,11 @@ class Client:
     def backups(self, target_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/targets/{_seg(target_id)}/backups")
 
-    def run(self, target_id: int, wait: bool = False, timeout: float | None = None) -> JSONDict:
+    def run(self, target_id: int, wait: bool = False, timeout: float | None = None,
+            full: bool = False) -> JSONDict:
         query: dict[str, Any] = {}
+        if full:
+            query["full"] = True
         http_timeout: float | None | _DefaultTimeout = _DEFAULT_TIMEOUT
         if wait:
             query["wait"] = True

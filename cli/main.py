@@ -510,24 +510,15 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
                 r.get("status"),
                 r.get("trigger"),
                 output.human_size(r.get("bytes_transferred")),
+                r.get("transfer") or "-",
                 output.human_duration(r.get("duration_seconds")),
                 r.get("archive_id"),
                 error,
             )
         )
-    headers = (
-        "RUN",
-        "STARTED",
-        "NODE",
-        "PATH",
-        "STATUS",
-        "TRIGGER",
-        "BYTES",
-        "DURATION",
-        "ARCHIVE",
-        "ERROR",
-    )
-    click.echo(output.table(headers, rows, {0, 6, 7, 8}))
+    headers = ("RUN", "STARTED", "NODE", "PATH", "STATUS", "TRIGGER", "BYTES", "TRANSFER",
+               "DURATION", "ARCHIVE", "ERROR")
+    click.echo(output.table(headers, rows, {0, 6, 8, 9}))
 
 
 @main.command()
@@ -540,9 +531,12 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
     metavar="SECONDS",
     help="With --wait: give up waiting after SECONDS.",
 )
+@click.option("--full", is_flag=True,
+              help="A true full backup: send the whole tree, not just what changed.")
 @json_option
 @click.pass_context
-def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: float | None) -> None:
+def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: float | None,
+        full: bool) -> None:
     """Back up PATH now."""
     if timeout is not None and not wait:
         raise click.UsageError("--timeout only makes sense with --wait", ctx)
@@ -550,7 +544,7 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
     assert state is not None
     client = state.client()
     target = client.resolve(address, path)
-    answer = client.run(target["id"], wait=wait, timeout=timeout)
+    answer = client.run(target["id"], wait=wait, timeout=timeout, full=full)
     label = f"{target.get('address')} {target.get('path')}"
     if state.json:
         _emit_json(answer)
@@ -569,6 +563,7 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
                     f"({output.human_size(r.get('archive_size'))} stored), "
                     f"{output.human_size(r.get('bytes_transferred'))} transferred in "
                     f"{output.human_duration(r.get('duration_seconds'))}"
+                    + (f" ({r['transfer']})" if r.get("transfer") else "")
                 )
             else:
                 detail = "nothing changed since the last backup"

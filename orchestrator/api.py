@@ -153,7 +153,7 @@ def run_json(r: dict[str, Any]) -> dict[str, Any]:
         "trigger": r["trigger"], "bytes_transferred": r["bytes_transferred"],
         "archive_id": r["archive_id"], "archive_size": r.get("archive_size"),
         "error_code": r["error_code"], "message": r["message"],
-        "warnings": r["warnings"],
+        "warnings": r["warnings"], "transfer": r.get("transfer"),
         "duration_seconds": round((finished - started).total_seconds(), 3) if finished else None,
     }
 
@@ -317,8 +317,9 @@ def create_app(server: Server) -> FastAPI:
     @r.post("/targets/{target_id}/run", summary="back up now")
     def run(target_id: Id, wait: bool = False,
             timeout: float | None = Query(None, gt=0, le=7 * 86400, allow_inf_nan=False),
+            full: bool = Query(False, description="a true full backup, not a delta"),
             ) -> JSONResponse:
-        result = server.run_now(target_id, wait=wait, timeout=timeout)
+        result = server.run_now(target_id, wait=wait, timeout=timeout, full=full)
         if result is None:
             return JSONResponse({"target_id": target_id, "queued": True}, status_code=202)
         return JSONResponse({"run": run_json(result)})
