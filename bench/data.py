@@ -184,7 +184,7 @@ def tree_listing(root: Path) -> dict[str, tuple[str, int | str]]:
 def archive_listing(archive: Path) -> dict[str, tuple[str, int | str]]:
     """The same listing read from a tar.gz (every member, streamed)."""
     out: dict[str, tuple[str, int | str]] = {}
-    with tarfile.open(archive, "r|gz") as tf:
+    with tarfile.open(archive, "r:gz") as tf:  # r|gz stops after the first gzip member
         for m in tf:
             name = m.name.rstrip("/")
             if m.issym():

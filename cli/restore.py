@@ -25,6 +25,7 @@ becomes the tree, as ``tar --strip-components=1`` would make it.
 
 from __future__ import annotations
 
+import gzip
 import os
 import posixpath
 import stat
@@ -224,7 +225,10 @@ def extract(
     ex = _Extractor(root, report)
     links: list[tuple[str, list[str], str]] = []  # (kind, parts, link)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|gz")
+        # Archives are concatenated gzip members (one per group of entries);
+        # tarfile's own "r|gz" stops silently at the end of the first member,
+        # GzipFile reads them all.
+        tar = tarfile.open(fileobj=gzip.GzipFile(fileobj=stream, mode="rb"), mode="r|")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RestoreError(f"the archive cannot be read: {exc}") from None
     try:

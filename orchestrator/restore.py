@@ -142,7 +142,9 @@ def _holds_one_file(path: Path) -> bool:
     """Whether the archive is of a single file (a target that is a file): its
     first member is then not a directory, and nothing is stripped from it."""
     try:
-        with tarfile.open(path, mode="r|gz") as tar:
+        # "r:gz", not "r|gz": tarfile's stream mode stops at the end of the
+        # first gzip member, and archives are many members.
+        with tarfile.open(path, mode="r:gz") as tar:
             first = tar.next()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RestoreError(f"the stored archive cannot be read: {exc}") from None
