@@ -327,6 +327,7 @@ class BackupEngine:
                         for it in bad:
                             it.kind = "fetch"
                             it.pieces = []
+                            it.refs = []
                         run.fetch(bad)
                         continue
                     run.check(index)

@@ -282,3 +282,24 @@ def test_restricted_key_allows_every_delta_command(eng: Engine, server_key: Serv
         assert res.bytes_transferred < 100_000
         check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
         assert eng.engine.run(target.id, full=True).transfer == "full"
+
+
+def test_an_edited_text_file_sends_its_changed_chunks(deng: Engine, node: SSHD,
+                                                      tmp_path: Path) -> None:
+    """python3 on the node: a line inserted at the top and one edited in the
+    middle of a 60 KB text file cost those chunks; coreutils only: the file."""
+    src = tmp_path / "app"
+    src.mkdir()
+    lines = [f"line {i} {os.urandom(12).hex()}\n" for i in range(1200)]
+    (src / "conf.txt").write_text("".join(lines))
+    target = deng.register(node, src)
+    assert deng.engine.run(target.id).transfer == "full"
+    lines[600] = "an edited line in the middle\n"
+    (src / "conf.txt").write_text("# a new first line\n" + "".join(lines))
+    res = deng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "delta"), res.message
+    if deng.engine.use_node_python:
+        assert res.bytes_transferred < 6000, res
+    else:
+        assert res.bytes_transferred > 20_000, res
+    check_archive(newest_archive(deng, target.id), src, tmp_path / "x", tree_state(src))
