@@ -312,7 +312,10 @@ class BackupEngine:
         need, total = plan.wire_estimate()
         if total and need > FULL_FRACTION * total:
             return f"the delta would fetch {need} of {total} bytes"
-        prev_fd = os.open(self.store.path_of(prev_file), os.O_RDONLY)
+        try:
+            prev_fd = os.open(self.store.path_of(prev_file), os.O_RDONLY)
+        except (OSError, StorageError) as exc:
+            return f"the previous archive cannot be read: {exc}"
         spool = Spool(str(self.store.root))
         try:
             reader = CachingReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)

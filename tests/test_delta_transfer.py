@@ -303,3 +303,17 @@ def test_an_edited_text_file_sends_its_changed_chunks(deng: Engine, node: SSHD,
     else:
         assert res.bytes_transferred > 20_000, res
     check_archive(newest_archive(deng, target.id), src, tmp_path / "x", tree_state(src))
+
+
+def test_a_missing_previous_archive_means_a_full_not_a_failure(eng: Engine, node: SSHD,
+                                                               tmp_path: Path) -> None:
+    src = tmp_path / "app"
+    _base_tree(src)
+    target = eng.register(node, src)
+    assert eng.engine.run(target.id).transfer == "full"
+    for p in eng.archive_files():
+        p.unlink()  # lost behind the server's back
+    (src / "sub" / "f1.txt").write_text("changed\n")
+    res = eng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "full"), res.message
+    check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
