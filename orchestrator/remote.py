@@ -175,14 +175,17 @@ def scan_command(path: str) -> str:
     for each entry whose ctime is newer, and for each such directory
     ``D<relative path>\\0`` followed by ``c<record>`` for each of its children
     (their %P is the child's name): that is how deletions and renames show.
-    An unchanged tree costs the two lines only.
+    An unchanged tree costs the two lines only. Sockets are left out, as
+    tar leaves them out of the archive (a tree holding one would otherwise
+    never rebuild to its fingerprint); for other trees the fingerprint is
+    the one ``fingerprint_command`` prints.
     """
     path = validate_path(path)
     q = shlex.quote(path)
     fmt = shlex.quote(FIND_FORMAT)
-    changed = (f"find {q} -ignore_readdir_race -newerct \"@$t\" \\( "
+    changed = (f"find {q} -ignore_readdir_race -newerct \"@$t\" ! -type s \\( "
                f"-printf {shlex.quote('C' + FIND_FORMAT)} , -type d -printf 'D%P\\0' "
-               f"-exec find {{}} -ignore_readdir_race -mindepth 1 -maxdepth 1 "
+               f"-exec find {{}} -ignore_readdir_race -mindepth 1 -maxdepth 1 ! -type s "
                f"-printf {shlex.quote('c' + FIND_FORMAT)} \\; \\)")
     return (
         "LC_ALL=C; export LC_ALL; "
@@ -191,7 +194,8 @@ def scan_command(path: str) -> str:
         + "case \"$t\" in *[!0-9.]*) t=;; esac; "
         + "date +%s.%N; "
         # find's status comes out first on fd 3, then the digest
-        + f"out=$( {{ {{ find {q} -ignore_readdir_race -printf {fmt}; echo $? >&3; }} "
+        + f"out=$( {{ {{ find {q} -ignore_readdir_race ! -type s -printf {fmt}; "
+        + "echo $? >&3; } "
         + "| sort -z | sha256sum; } 3>&1 ); set -- $out; "
         + '[ "$1" = 0 ] || exit "$1"; echo "$2  -"; '
         + 'if [ -n "$t" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
@@ -215,7 +219,7 @@ def parse_scan(stdout: bytes) -> tuple[str, str, bytes] | None:
 def listing_command(path: str) -> str:
     """The whole sorted listing, gzip'd (when the scan's changes do not add up)."""
     path = validate_path(path)
-    find = (f"find {shlex.quote(path)} -ignore_readdir_race "
+    find = (f"find {shlex.quote(path)} -ignore_readdir_race ! -type s "
             f"-printf {shlex.quote(FIND_FORMAT)}")
     return ("LC_ALL=C; export LC_ALL; " + _precheck(path) + "exec 4>&1; "
             + _carry(find, "sort -z | gzip -1") + "exit 0")
