@@ -148,3 +148,25 @@ def test_control_the_wrapper_alone_gives_a_good_delta(heng: Engine, wnode: SSHD,
     res = heng.engine.run(target.id)
     assert (res.status, res.transfer) == ("success", "delta"), res.message
     assert res.bytes_transferred < 100_000
+
+
+def test_a_tail_whose_hash_disagrees_is_fetched_whole(heng: Engine, wnode: SSHD,
+                                                      tmp_path: Path) -> None:
+    """The node's sha256 of the whole file does not match the reassembled
+    bytes (as when the file changes between two reads of the coreutils
+    path): the file is fetched whole in a second pass and the archive is
+    right."""
+    from test_delta_transfer import check_archive, newest_archive, tree_state
+    src = tmp_path / "app"
+    _tree(src)
+    target = heng.register(wnode, src)
+    assert heng.engine.run(target.id).transfer == "full"
+    tail = os.urandom(5000)
+    with open(src / "log", "ab") as f:
+        f.write(tail)
+    (wnode.payloads / "py.1").write_bytes(  # type: ignore[attr-defined]
+        gzip.compress(b"ok\nD 5000\n" + tail + b"E " + SHA + b"\n"))
+    res = heng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "delta"), res.message
+    assert res.bytes_transferred > 200_000  # the whole log came again
+    check_archive(newest_archive(heng, target.id), src, tmp_path / "x", tree_state(src))

@@ -348,3 +348,16 @@ def test_a_socket_in_the_tree_does_not_defeat_the_scan(eng: Engine, node: SSHD,
         check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
     finally:
         sock.close()
+
+
+def test_a_delta_that_costs_about_a_full_becomes_a_full(eng: Engine, node: SSHD,
+                                                        tmp_path: Path) -> None:
+    src = tmp_path / "app"
+    _base_tree(src)
+    target = eng.register(node, src)
+    assert eng.engine.run(target.id).transfer == "full"
+    os.unlink(src / "db.bin")  # 3 of the tree's 3.3 MiB come back under a new name
+    (src / "db2.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    res = eng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "full"), res.message
+    check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
