@@ -31,7 +31,6 @@ from orchestrator.errors import (
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from orchestrator.transfer.delta import (
     FULL_FRACTION,
-    CachingReader,
     DeltaPlan,
     DeltaRun,
     archive_path,
@@ -42,7 +41,7 @@ from orchestrator.transfer.stream import Inflater, Spool, inflate_all
 from storage.archives import ArchiveFacts, ArchiveStore, node_dir_name, rotate
 from storage.catalog import Catalog, Target
 from storage.errors import InvalidArchive, StorageError
-from storage.tgz import ArchiveIndex, FramingWriter
+from storage.tgz import ArchiveIndex, ArchiveReader, FramingWriter
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -318,7 +317,7 @@ class BackupEngine:
             return f"the previous archive cannot be read: {exc}"
         spool = Spool(str(self.store.root))
         try:
-            reader = CachingReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
+            reader = ArchiveReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
             run = DeltaRun(node, root, plan, reader, spool)
             run.refine()
             run.fetch([it for it in plan.items if it.kind == "fetch"])

@@ -37,7 +37,6 @@ from orchestrator.transfer.listing import TAR_TYPE, Record, parse_record
 from orchestrator.transfer.stream import Inflater, Spool
 from storage.errors import InvalidArchive
 from storage.tgz import (
-    GROUP_MAX,
     LARGE,
     ArchiveIndex,
     ArchiveReader,
@@ -112,23 +111,6 @@ class DeltaResult:
     index: ArchiveIndex
     warnings: list[str]
     stats: dict[str, int]
-
-
-class CachingReader(ArchiveReader):
-    """An ArchiveReader that keeps the last small member it inflated: the
-    entries of one recompressed group are read one by one, and each read
-    would otherwise inflate their shared member from its start again."""
-
-    def _member_raw(self, i: int) -> Iterator[bytes]:
-        m = self.index.members[i]
-        if m.r_len > 4 * GROUP_MAX:
-            yield from super()._member_raw(i)
-            return
-        cached = getattr(self, "_whole", None)
-        if cached is None or cached[0] != i:
-            cached = (i, b"".join(super()._member_raw(i)))
-            self._whole = cached
-        yield cached[1]
 
 
 def archive_path(root: str, rel: bytes) -> str:
