@@ -37,7 +37,6 @@ from orchestrator.sanitize import escape_controls
 from orchestrator.ssh import Connection, ExecResult, NodeAddress, SSHPool
 from orchestrator.transfer.delta import (
     FULL_FRACTION,
-    CachingReader,
     DeltaPlan,
     DeltaRun,
     archive_path,
@@ -49,7 +48,7 @@ from storage.archives import ArchiveFacts, ArchiveStore, ArchiveWriter, node_dir
 from storage.catalog import Catalog, Node, Target
 from storage.errors import ArchiveTooLarge, InvalidArchive, StorageError
 from storage.limits import format_size
-from storage.tgz import ArchiveIndex, FramingWriter
+from storage.tgz import ArchiveIndex, ArchiveReader, FramingWriter
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -387,10 +386,13 @@ class BackupEngine:
         need, total = plan.wire_estimate()
         if total and need > FULL_FRACTION * total:
             return f"the delta would fetch {need} of {total} bytes"
-        prev_fd = os.open(self.store.path_of(prev_file), os.O_RDONLY)
+        try:
+            prev_fd = os.open(self.store.path_of(prev_file), os.O_RDONLY)
+        except (OSError, StorageError) as exc:
+            return f"the previous archive cannot be read: {exc}"
         spool = Spool(str(self.store.root))
         try:
-            reader = CachingReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
+            reader = ArchiveReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
             run = DeltaRun(node, root, plan, reader, spool)
             run.refine()
             run.fetch([it for it in plan.items if it.kind == "fetch"])
@@ -402,6 +404,7 @@ class BackupEngine:
                         for it in bad:
                             it.kind = "fetch"
                             it.pieces = []
+                            it.refs = []
                         run.fetch(bad)
                         continue
                     run.check(index)

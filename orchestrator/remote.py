@@ -227,14 +227,17 @@ def scan_command(path: str) -> str:
     for each entry whose ctime is newer, and for each such directory
     ``D<relative path>\\0`` followed by ``c<record>`` for each of its children
     (their %P is the child's name): that is how deletions and renames show.
-    An unchanged tree costs the two lines only.
+    An unchanged tree costs the two lines only. Sockets are left out, as
+    tar leaves them out of the archive (a tree holding one would otherwise
+    never rebuild to its fingerprint); for other trees the fingerprint is
+    the one ``fingerprint_command`` prints.
     """
     path = validate_path(path)
     q = shlex.quote(path)
     fmt = shlex.quote(FIND_FORMAT)
-    changed = (f"find {q} -ignore_readdir_race -newerct \"@$t\" \\( "
+    changed = (f"find {q} -ignore_readdir_race -newerct \"@$t\" ! -type s \\( "
                f"-printf {shlex.quote('C' + FIND_FORMAT)} , -type d -printf 'D%P\\0' "
-               f"-exec find {{}} -ignore_readdir_race -mindepth 1 -maxdepth 1 "
+               f"-exec find {{}} -ignore_readdir_race -mindepth 1 -maxdepth 1 ! -type s "
                f"-printf {shlex.quote('c' + FIND_FORMAT)} \\; \\)")
     return (
         "LC_ALL=C; export LC_ALL; "
@@ -243,7 +246,8 @@ def scan_command(path: str) -> str:
         + "case \"$t\" in *[!0-9.]*) t=;; esac; "
         + "date +%s.%N; "
         # find's status comes out first on fd 3, then the digest
-        + f"out=$( {{ {{ find {q} -ignore_readdir_race -printf {fmt}; echo $? >&3; }} "
+        + f"out=$( {{ {{ find {q} -ignore_readdir_race ! -type s -printf {fmt}; "
+        + "echo $? >&3; } "
         + "| sort -z | sha256sum; } 3>&1 ); set -- $out; "
         + '[ "$1" = 0 ] || exit "$1"; echo "$2  -"; '
         + 'if [ -n "$t" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
@@ -267,7 +271,7 @@ def parse_scan(stdout: bytes) -> tuple[str, str, bytes] | None:
 def listing_command(path: str) -> str:
     """The whole sorted listing, gzip'd (when the scan's changes do not add up)."""
     path = validate_path(path)
-    find = (f"find {shlex.quote(path)} -ignore_readdir_race "
+    find = (f"find {shlex.quote(path)} -ignore_readdir_race ! -type s "
             f"-printf {shlex.quote(FIND_FORMAT)}")
     return ("LC_ALL=C; export LC_ALL; " + _precheck(path) + "exec 4>&1; "
             + _carry(find, "sort -z | gzip -1") + "exit 0")
@@ -295,11 +299,30 @@ def has_python_command() -> str:
 # gzip'd: ``gone\n`` | ``mismatch\n`` | T: ``ok\n`` (``D <n>\n`` data)* ``E <sha>\n``
 # | H: ``ok <size> <count>\n`` + count x 16 hex (the first 8 bytes of each
 # block's sha256: enough to find changed blocks, as the whole-file hash
-# checks the result) | B: ``ok\n`` (``K <i> <n>\n``
+# checks the result) | L name - hashes (16 hex per chunk of the old content,
+# remote.CDC_SOURCE): ``ok\n`` (``R <old chunk>\n`` | ``D <n>\n`` data)* ``E <sha>\n``.
+# stdin may be gzip'd. B: ``ok\n`` (``K <i> <n>\n``
 # data)* ``E <sha>\n``. The whole-file sha256 is taken in the same pass.
-NODE_PY = """
+# Content-defined chunks of a file, the same on the node and the server (both
+# run this text): a chunk ends after a line whose crc32 ends in four zero
+# bits, or once it holds 8 KiB, so an inserted line moves no other boundary.
+CDC_SOURCE = """
+def cdc(d):
+    import zlib
+    out = []; s = 0; p = 0; n = len(d)
+    while p < n:
+        e = d.find(b"\\n", p)
+        e = n if e < 0 else e + 1
+        if (zlib.crc32(d[p:e]) & 15) == 0 or e - s >= 8192 or e == n:
+            out.append((s, e)); s = e
+        p = e
+    return out
+"""
+
+NODE_PY = CDC_SOURCE + """
 import sys, hashlib, gzip
-d = sys.stdin.buffer.read().split(b"\\0")
+d = sys.stdin.buffer.read()
+d = (gzip.decompress(d) if d[:2] == b"\\x1f\\x8b" else d).split(b"\\0")
 o = gzip.GzipFile(fileobj=sys.stdout.buffer, mode="wb", compresslevel=1)
 w = o.write
 for k in range(0, len(d) - 3, 4):
@@ -335,6 +358,18 @@ for k in range(0, len(d) - 3, 4):
                     break
                 y.update(c); w(b"D %d\\n" % len(c)); w(c)
             w(b"E %s\\n" % y.hexdigest().encode())
+        elif op == b"L":
+            hs = {}
+            for j in range(0, len(b), 16):
+                hs.setdefault(b[j:j + 16], j // 16)
+            data = f.read(); w(b"ok\\n")
+            for s, e in cdc(data):
+                i = hs.get(hashlib.sha256(data[s:e]).hexdigest()[:16].encode())
+                if i is None:
+                    w(b"D %d\\n" % (e - s)); w(data[s:e])
+                else:
+                    w(b"R %d\\n" % i)
+            w(b"E %s\\n" % hashlib.sha256(data).hexdigest().encode())
         elif op == b"B":
             bs = int(a); want = set(int(v) for v in b.split(b",") if v)
             x = hashlib.sha256(); i = 0

@@ -67,6 +67,8 @@ def _targz(members: list[tuple[str, bytes]]) -> bytes:
 
 def _tree(root: Path) -> None:
     (root / "sub").mkdir(parents=True)
+    (root / "sub" / "text.txt").write_text("".join(f"line {i} {os.urandom(8).hex()}\n"
+                                                   for i in range(2000)))
     (root / "sub" / "f1.txt").write_text("one\n")
     (root / "log").write_bytes(os.urandom(200_000))
     (root / "db").write_bytes(os.urandom(2_000_000))
@@ -75,6 +77,9 @@ def _tree(root: Path) -> None:
 def _mutate(root: Path, case: str) -> None:
     if case.startswith("fetch"):
         (root / "sub" / "f1.txt").write_text("one, changed\n")
+    elif case.startswith("chunk"):
+        text = (root / "sub" / "text.txt").read_text()
+        (root / "sub" / "text.txt").write_text("a new first line\n" + text)
     elif case.startswith("tail"):
         with open(root / "log", "ab") as f:
             f.write(os.urandom(5000))
@@ -95,6 +100,10 @@ PAYLOADS: dict[str, dict[str, bytes]] = {
     "tail-malformed": {"py.1": gzip.compress(b"ok\nQ what\n")},
     "block-list-disagrees-with-size": {
         "py.1": gzip.compress(b"ok 2000000 3\n" + b"ab" * 24)},
+    "chunk-reference-out-of-range": {
+        "py.1": gzip.compress(b"ok\nR 99999\nE " + SHA + b"\n")},
+    "chunk-shorter-than-announced": {
+        "py.1": gzip.compress(b"ok\nD 500\nabcE " + SHA + b"\n")},
     "block-beyond-eof": {
         "py.2": gzip.compress(b"ok\nK 99999 10\n" + b"y" * 10 + b"E " + SHA + b"\n")},
     "block-not-asked-for": {
@@ -134,8 +143,30 @@ def test_control_the_wrapper_alone_gives_a_good_delta(heng: Engine, wnode: SSHD,
     _tree(src)
     target = heng.register(wnode, src)
     assert heng.engine.run(target.id).transfer == "full"
-    for case in ("fetch", "tail", "block"):
+    for case in ("fetch", "tail", "block", "chunk"):
         _mutate(src, case)
     res = heng.engine.run(target.id)
     assert (res.status, res.transfer) == ("success", "delta"), res.message
     assert res.bytes_transferred < 100_000
+
+
+def test_a_tail_whose_hash_disagrees_is_fetched_whole(heng: Engine, wnode: SSHD,
+                                                      tmp_path: Path) -> None:
+    """The node's sha256 of the whole file does not match the reassembled
+    bytes (as when the file changes between two reads of the coreutils
+    path): the file is fetched whole in a second pass and the archive is
+    right."""
+    from test_delta_transfer import check_archive, newest_archive, tree_state
+    src = tmp_path / "app"
+    _tree(src)
+    target = heng.register(wnode, src)
+    assert heng.engine.run(target.id).transfer == "full"
+    tail = os.urandom(5000)
+    with open(src / "log", "ab") as f:
+        f.write(tail)
+    (wnode.payloads / "py.1").write_bytes(  # type: ignore[attr-defined]
+        gzip.compress(b"ok\nD 5000\n" + tail + b"E " + SHA + b"\n"))
+    res = heng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "delta"), res.message
+    assert res.bytes_transferred > 200_000  # the whole log came again
+    check_archive(newest_archive(heng, target.id), src, tmp_path / "x", tree_state(src))

@@ -36,6 +36,8 @@ def tree_state(root: Path) -> dict:
                 out[rel] = ("link", os.readlink(full))
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir",)
+            elif stat.S_ISSOCK(st.st_mode):
+                continue  # tar leaves sockets out
             else:
                 with open(full, "rb") as f:
                     out[rel] = ("file", stat.S_IMODE(st.st_mode), int(st.st_mtime), f.read())
@@ -282,3 +284,80 @@ def test_restricted_key_allows_every_delta_command(eng: Engine, server_key: Serv
         assert res.bytes_transferred < 100_000
         check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
         assert eng.engine.run(target.id, full=True).transfer == "full"
+
+
+def test_an_edited_text_file_sends_its_changed_chunks(deng: Engine, node: SSHD,
+                                                      tmp_path: Path) -> None:
+    """python3 on the node: a line inserted at the top and one edited in the
+    middle of a 60 KB text file cost those chunks; coreutils only: the file."""
+    src = tmp_path / "app"
+    src.mkdir()
+    lines = [f"line {i} {os.urandom(12).hex()}\n" for i in range(1200)]
+    (src / "conf.txt").write_text("".join(lines))
+    target = deng.register(node, src)
+    assert deng.engine.run(target.id).transfer == "full"
+    lines[600] = "an edited line in the middle\n"
+    (src / "conf.txt").write_text("# a new first line\n" + "".join(lines))
+    res = deng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "delta"), res.message
+    if deng.engine.use_node_python:
+        assert res.bytes_transferred < 6000, res
+    else:
+        assert res.bytes_transferred > 20_000, res
+    check_archive(newest_archive(deng, target.id), src, tmp_path / "x", tree_state(src))
+
+
+def test_a_missing_previous_archive_means_a_full_not_a_failure(eng: Engine, node: SSHD,
+                                                               tmp_path: Path) -> None:
+    src = tmp_path / "app"
+    _base_tree(src)
+    target = eng.register(node, src)
+    assert eng.engine.run(target.id).transfer == "full"
+    for p in eng.archive_files():
+        p.unlink()  # lost behind the server's back
+    (src / "sub" / "f1.txt").write_text("changed\n")
+    res = eng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "full"), res.message
+    check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
+
+
+def test_a_socket_in_the_tree_does_not_defeat_the_scan(eng: Engine, node: SSHD,
+                                                       tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """tar leaves sockets out; so do the scan and the listing, so the
+    rebuilt listing still adds up and no whole listing is fetched."""
+    import logging
+    import socket
+    src = tmp_path / "app"
+    _base_tree(src)
+    sock = socket.socket(socket.AF_UNIX)
+    (src / "run").mkdir()
+    sock.bind(str(src / "run" / "app.sock"))  # its directory does not change below
+    # older than the 1 s overlap of the next scan, so only the listing knows it
+    os.utime(src / "run", (1_600_000_000, 1_600_000_000))
+    import time
+    time.sleep(1.2)
+    try:
+        target = eng.register(node, src)
+        assert eng.engine.run(target.id).transfer == "full"
+        (src / "sub" / "f1.txt").write_text("changed\n")
+        with caplog.at_level(logging.INFO, logger="orchestrator.backup"):
+            res = eng.engine.run(target.id)
+        assert (res.status, res.transfer) == ("success", "delta"), res.message
+        assert "fetching the whole listing" not in caplog.text
+        check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))
+    finally:
+        sock.close()
+
+
+def test_a_delta_that_costs_about_a_full_becomes_a_full(eng: Engine, node: SSHD,
+                                                        tmp_path: Path) -> None:
+    src = tmp_path / "app"
+    _base_tree(src)
+    target = eng.register(node, src)
+    assert eng.engine.run(target.id).transfer == "full"
+    os.unlink(src / "db.bin")  # 3 of the tree's 3.3 MiB come back under a new name
+    (src / "db2.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    res = eng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "full"), res.message
+    check_archive(newest_archive(eng, target.id), src, tmp_path / "x", tree_state(src))

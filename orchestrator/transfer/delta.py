@@ -21,6 +21,8 @@ entry changed while the backup ran, as tar's own exit 1 reports).
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import logging
 import math
 from collections import Counter
@@ -35,7 +37,6 @@ from orchestrator.transfer.listing import TAR_TYPE, Record, parse_record
 from orchestrator.transfer.stream import Inflater, Spool
 from storage.errors import InvalidArchive
 from storage.tgz import (
-    GROUP_MAX,
     LARGE,
     ArchiveIndex,
     ArchiveReader,
@@ -50,6 +51,14 @@ from storage.tgz.scan import TarScanner
 log = logging.getLogger(__name__)
 
 TAIL_MIN = 64 * 1024  # below this a grown file is simply fetched whole
+# A changed file in this size range is matched chunk by chunk against its old
+# content (remote.CDC_SOURCE) when the node has python3: an edited line costs
+# that chunk, not the file.
+LINES_MIN = 2 * 1024
+LINES_MAX = 8 * 1024 * 1024
+_CDC: dict = {}
+exec(remote.CDC_SOURCE, _CDC)  # the very text the node runs  # noqa: S102
+cdc = _CDC["cdc"]
 # A delta that would fetch more than this share of the tree's bytes is worth
 # no more than a full: the engine makes it one.
 FULL_FRACTION = 0.8
@@ -81,11 +90,13 @@ class Item:
     apath: str
     rec: Record
     old: Entry | None
-    kind: str  # copy | fetch | tail | blocks
+    kind: str  # copy | fetch | tail | blocks | lines
     node_sha: str | None = None
     pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (file off, spool off, n)
     want: list[int] = field(default_factory=list)  # blocks to ask for
     bs: int = 0
+    refs: list[tuple[int, int, int]] = field(default_factory=list)  # lines: (old s, e, -1)
+    # or (spool off, n, 1) per new chunk, in order
 
 
 @dataclass
@@ -100,23 +111,6 @@ class DeltaResult:
     index: ArchiveIndex
     warnings: list[str]
     stats: dict[str, int]
-
-
-class CachingReader(ArchiveReader):
-    """An ArchiveReader that keeps the last small member it inflated: the
-    entries of one recompressed group are read one by one, and each read
-    would otherwise inflate their shared member from its start again."""
-
-    def _member_raw(self, i: int) -> Iterator[bytes]:
-        m = self.index.members[i]
-        if m.r_len > 4 * GROUP_MAX:
-            yield from super()._member_raw(i)
-            return
-        cached = getattr(self, "_whole", None)
-        if cached is None or cached[0] != i:
-            cached = (i, b"".join(super()._member_raw(i)))
-            self._whole = cached
-        yield cached[1]
 
 
 def archive_path(root: str, rel: bytes) -> str:
@@ -170,6 +164,8 @@ class DeltaPlan:
             return "tail"
         if old.size >= LARGE and r.size >= LARGE and old.block_size and old.block_hashes:
             return "blocks"
+        if LINES_MIN <= old.size <= LINES_MAX and r.size <= LINES_MAX:
+            return "lines"
         return "fetch"
 
     def wire_estimate(self) -> tuple[int, int]:
@@ -183,6 +179,8 @@ class DeltaPlan:
                 need += it.rec.size
             elif it.kind == "tail" and it.old is not None:
                 need += it.rec.size - it.old.size
+            elif it.kind == "lines":
+                need += it.rec.size // 4
         return need, total
 
 
@@ -202,13 +200,18 @@ class DeltaRun:
     def refine(self) -> None:
         tails = [it for it in self.plan.items if it.kind == "tail"]
         blocks = [it for it in self.plan.items if it.kind == "blocks"]
-        if not tails and not blocks:
+        if not self.node.python:
+            for it in self.plan.items:
+                if it.kind == "lines":
+                    it.kind = "fetch"
+        if not tails and not blocks and not any(it.kind == "lines" for it in self.plan.items):
             return
         for it in blocks:
             assert it.old is not None
             it.bs = it.old.block_size
         if self.node.python:
-            self._py_round1(tails, blocks)
+            if tails or blocks:
+                self._py_round1(tails, blocks)
         else:
             for it in tails:
                 self._sh_tail(it)
@@ -216,7 +219,12 @@ class DeltaRun:
                 self._sh_hashes(it)
         blocks = [it for it in blocks if it.kind == "blocks" and it.want]
         if self.node.python:
-            self._py_round2(blocks)
+            # A grown file whose prefix changed may still share most chunks.
+            for it in tails:
+                if it.kind == "fetch" and it.old is not None and it.old.sha256 is not None \
+                        and it.old.size <= LINES_MAX and it.rec.size <= LINES_MAX:
+                    it.kind = "lines"
+            self._py_round2(blocks, [it for it in self.plan.items if it.kind == "lines"])
         else:
             for it in blocks:
                 self._sh_blocks(it)
@@ -246,18 +254,60 @@ class DeltaRun:
             self._hashes_reply(it, cur, framed=True)
         cur.expect_end()
 
-    def _py_round2(self, blocks: list[Item]) -> None:
-        if not blocks:
+    def _py_round2(self, blocks: list[Item], lines: list[Item]) -> None:
+        if not blocks and not lines:
             return
         req = bytearray()
         for it in blocks:
             req += b"B\0%s\0%d\0%s\0" % (self._name(it), it.bs,
                                            ",".join(map(str, it.want)).encode())
+        olds: dict[str, list[tuple[int, int]]] = {}
+        for it in lines:
+            assert it.old is not None
+            data = b"".join(self.prev.iter_data(it.old))
+            chunks = cdc(data)
+            olds[it.apath] = chunks
+            sigs = b"".join(hashlib.sha256(data[s:e]).hexdigest()[:16].encode()
+                            for s, e in chunks)
+            req += b"L\0%s\0-\0%s\0" % (self._name(it), sigs)
         cur = _Cursor(self.spool, self._run_spooled(remote.py_refine_command(self.node.path),
-                                                    bytes(req), "changed blocks"))
+                                                    gzip.compress(bytes(req), 1),
+                                                    "changed blocks and chunks"))
         for it in blocks:
             self._blocks_reply(it, cur, framed=True)
+        for it in lines:
+            self._lines_reply(it, cur, olds[it.apath])
         cur.expect_end()
+
+    def _lines_reply(self, it: Item, cur: _Cursor, old: list[tuple[int, int]]) -> None:
+        head = cur.line()
+        if head == b"gone":
+            return self._race(it, "gone before its chunks were read")
+        if head != b"ok":
+            raise _bad(it, "a malformed chunk reply")
+        size = 0
+        while True:
+            line = cur.line()
+            if line.startswith(b"E "):
+                it.node_sha = _sha(it, line[2:])
+                break
+            parts = line.split(b" ")
+            if len(parts) != 2 or parts[0] not in (b"R", b"D"):
+                raise _bad(it, "a malformed chunk reply")
+            k = _int(it, parts[1])
+            if parts[0] == b"R":
+                if k >= len(old):
+                    raise _bad(it, f"a reference to chunk {k} of {len(old)}")
+                s, e = old[k]
+                it.refs.append((s, e, -1))
+                size += e - s
+            else:
+                it.refs.append((cur.take(k), k, 1))
+                size += k
+        if size != it.rec.size:
+            it.refs = []
+            return self._race(it, f"{size} bytes rebuilt, the listing says {it.rec.size}")
+        return None
 
     def _sh_tail(self, it: Item) -> None:
         assert it.old is not None and it.old.sha256 is not None
@@ -286,6 +336,7 @@ class DeltaRun:
         it.kind = "fetch"
         it.pieces = []
         it.want = []
+        it.refs = []
 
     def _tail_reply(self, it: Item, cur: _Cursor, *, framed: bool) -> None:
         assert it.old is not None
@@ -460,6 +511,11 @@ class DeltaRun:
                     continue
                 size = fe.info.size if fe.info.type not in "123456" else 0
                 composer.add(fe.header, self.spool.chunks(fe.d_off, size))
+            elif it.kind == "lines":
+                assert it.old is not None
+                header = make_header(it.old, size=it.rec.size, mtime=it.rec.mtime_s,
+                                     mode=it.rec.mode)
+                composer.add(header, self._rebuilt(it))
             else:
                 assert it.old is not None
                 header = make_header(it.old, size=it.rec.size, mtime=it.rec.mtime_s,
@@ -471,12 +527,21 @@ class DeltaRun:
         index = composer.finish(self.plan.records)
         bad = []
         for it in self.plan.items:
-            if it.kind in ("tail", "blocks"):
+            if it.kind in ("tail", "blocks", "lines"):
                 e = index.by_path(it.apath)
                 if e is None or e.sha256 is None or e.sha256.hex() != it.node_sha:
                     bad.append(it)
         self.vanished = vanished
         return index, bad, composer.stats()
+
+    def _rebuilt(self, it: Item) -> Iterator[bytes]:
+        assert it.old is not None
+        old = b"".join(self.prev.iter_data(it.old))
+        for a, b, kind in it.refs:
+            if kind < 0:
+                yield old[a:b]
+            else:
+                yield from self.spool.chunks(a, b)
 
     def _pieces(self, it: Item) -> Iterator[tuple[int, bytes]]:
         for file_off, spool_off, n in it.pieces:
