@@ -672,7 +672,7 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
                 output.human_size(c.get("size")),
                 mark(c.get("sha256_ok")),
                 mark(c.get("structure_ok")),
-                mark(c.get("index_ok")),
+                "rebuilt" if c.get("index_rebuilt") else mark(c.get("index_ok")),
                 str(c.get("status")).upper() if c.get("status") == "corrupt" else c.get("status"),
                 c.get("error") or "-",
             )
@@ -680,6 +680,9 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
         ]
         headers = ("ARCHIVE", "TARGET", "SIZE", "SHA256", "GZIP/TAR", "INDEX", "RESULT", "ERROR")
         click.echo(output.table(headers, rows, {0, 1, 2}))
+    for c in results:
+        if c.get("note"):
+            click.echo(f"note: archive {c.get('archive_id')}: {output.clean(c['note'])}", err=True)
     corrupt = [c for c in results if c.get("status") == "corrupt"]
     if corrupt:
         ids = ", ".join(str(c.get("archive_id")) for c in corrupt)
