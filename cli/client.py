@@ -376,6 +376,9 @@ class Client:
     def get_archive(self, archive_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}")
 
+    def progress(self, target_id: int) -> JSONDict:
+        return self._json("GET", f"/api/v1/targets/{_seg(target_id)}/progress")
+
     def list_entries(self, archive_id: int, path: str | None = None) -> JSONDict:
         return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}/entries", {"path": path})
 

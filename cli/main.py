@@ -544,7 +544,10 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
     assert state is not None
     client = state.client()
     target = client.resolve(address, path)
-    answer = client.run(target["id"], wait=wait, timeout=timeout, full=full)
+    from cli.progress import run_progress
+
+    with run_progress(client, target["id"], None if wait and not state.json else False):
+        answer = client.run(target["id"], wait=wait, timeout=timeout, full=full)
     label = f"{target.get('address')} {target.get('path')}"
     if state.json:
         _emit_json(answer)

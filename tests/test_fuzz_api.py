@@ -69,6 +69,7 @@ OPERATIONS: list[tuple[str, str, str | None]] = [
     ("get", "/api/v1/archives/{archive_id}/entries", None),
     ("get", "/api/v1/targets/{target_id}/find", None),
     ("post", "/api/v1/archives/{archive_id}/extract", None),
+    ("get", "/api/v1/targets/{target_id}/progress", None),
 ]
 
 
