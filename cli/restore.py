@@ -228,7 +228,8 @@ def extract(
         # Not mode "r|gz": tarfile's stream reader inflates only the first gzip
         # member and then takes the end of it for the end of the archive, and
         # backhaul's archives are many members.
-        tar = tarfile.open(fileobj=GunzipReader(stream), mode="r|")
+        gunzip = GunzipReader(stream)
+        tar = tarfile.open(fileobj=gunzip, mode="r|")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RestoreError(f"the archive cannot be read: {exc}") from None
     try:
@@ -264,6 +265,10 @@ def extract(
                 report.refused.append(f"{name}: {exc}")
             except OSError as exc:
                 raise RestoreError(f"cannot write {rel}: {exc.strerror or exc}") from None
+        # tarfile stops at the end-of-archive blocks: read the rest, so every
+        # member's CRC32 and length are checked and a cut-short stream is found.
+        while gunzip.read(CHUNK):
+            pass
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise RestoreError(f"the archive is corrupt or cut short: {exc}") from None
     finally:

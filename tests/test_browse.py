@@ -229,3 +229,50 @@ def test_restore_only_round_trips_files_and_subtrees(srv: LiveServer, tree,
               "--only", "missing.txt")
     assert res.exit_code == 1 and "not in archive" in res.stderr and "missing.txt" in res.stderr
     assert (part / "sub" / "note.txt").read_text() == "note\n"
+
+
+def test_restore_to_a_node_sends_only_the_selection(srv: LiveServer, node: SSHD, tree,
+                                                    tmp_path: Path) -> None:
+    app, _t, _first, second = tree
+    size = srv.api("GET", f"/archives/{second}").json()["backup"]["size"]
+    addr = f"{node.user}@{node.host}:{node.port}"
+    dest = tmp_path / "on-node"
+    answer = json.loads(ok(cli(srv, "--json", "restore", str(second), "--to-node", addr,
+                               "--dest", str(dest), "--only", "sub/deeper")))
+    assert answer["restored"]["bytes_sent"] < size // 100
+    assert snapshot(dest) == {k: v for k, v in snapshot(app).items()
+                              if k.startswith("sub/deeper")} | {"sub": snapshot(dest)["sub"]}
+    res = cli(srv, "restore", str(second), "--to-node", addr, "--dest", str(tmp_path / "x"),
+              "--only", "nope")
+    assert res.exit_code == 1 and "not in archive" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_stream_cut_after_its_first_member_is_an_error(srv: LiveServer, tree,
+                                                         tmp_path: Path) -> None:
+    """The whole-archive restore reads every gzip member: one cut short fails
+    the restore (Python's tarfile alone stopped after the first member)."""
+    from test_restore import plant
+
+    _app, t, _first, _second = tree
+    first = gzip.compress(tar_of([("app/a.txt", b"a\n")]) [:1024])  # a header + data, no end
+    second = gzip.compress(tar_of([("app/b.txt", b"b\n")]))
+    whole = first + second
+    aid = plant(srv, t, whole)
+    dest = tmp_path / "whole"
+    ok(cli(srv, "restore", str(aid), "--to", str(dest)))
+    assert (dest / "a.txt").read_text() == "a\n" and (dest / "b.txt").read_text() == "b\n"
+
+    cut = plant(srv, t, first + second[:-12])
+    res = cli(srv, "restore", str(cut), "--to", str(tmp_path / "cut"))
+    assert res.exit_code == 1 and "cut short" in res.stderr, res.output
+
+
+def tar_of(files: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
