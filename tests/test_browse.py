@@ -276,3 +276,21 @@ def tar_of(files: list[tuple[str, bytes]]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def test_an_archive_without_an_index_is_browsed_after_rebuilding_it(srv: LiveServer, tree,
+                                                                   tmp_path: Path) -> None:
+    """One gzip member for the whole tar, no index (an archive from before the
+    index): ls rebuilds the index; --only inflates that member up to the entry."""
+    from test_restore import plant
+
+    _app, t, _first, _second = tree
+    files = [(f"app/d/f{i:03}.txt", f"{i}\n".encode() * 100) for i in range(300)]
+    aid = plant(srv, t, gzip.compress(tar_of(files)))
+    names = [e["path"] for e in entries_of(srv, aid, path="d")]
+    assert names == [name[4:] for name, _ in files]
+    dest = tmp_path / "one"
+    ok(cli(srv, "restore", str(aid), "--to", str(dest), "--only", "d/f150.txt",
+           "--only", "d/f299.txt"))
+    assert (dest / "d" / "f150.txt").read_bytes() == b"150\n" * 100
+    assert sorted(p.name for p in (dest / "d").iterdir()) == ["f150.txt", "f299.txt"]
