@@ -544,7 +544,10 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
     assert state is not None
     client = state.client()
     target = client.resolve(address, path)
-    answer = client.run(target["id"], wait=wait, timeout=timeout, full=full)
+    from cli.progress import run_progress
+
+    with run_progress(client, target["id"], None if wait and not state.json else False):
+        answer = client.run(target["id"], wait=wait, timeout=timeout, full=full)
     label = f"{target.get('address')} {target.get('path')}"
     if state.json:
         _emit_json(answer)
@@ -672,7 +675,7 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
                 output.human_size(c.get("size")),
                 mark(c.get("sha256_ok")),
                 mark(c.get("structure_ok")),
-                mark(c.get("index_ok")),
+                "rebuilt" if c.get("index_rebuilt") else mark(c.get("index_ok")),
                 str(c.get("status")).upper() if c.get("status") == "corrupt" else c.get("status"),
                 c.get("error") or "-",
             )
@@ -680,6 +683,9 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
         ]
         headers = ("ARCHIVE", "TARGET", "SIZE", "SHA256", "GZIP/TAR", "INDEX", "RESULT", "ERROR")
         click.echo(output.table(headers, rows, {0, 1, 2}))
+    for c in results:
+        if c.get("note"):
+            click.echo(f"note: archive {c.get('archive_id')}: {output.clean(c['note'])}", err=True)
     corrupt = [c for c in results if c.get("status") == "corrupt"]
     if corrupt:
         ids = ", ".join(str(c.get("archive_id")) for c in corrupt)
@@ -767,7 +773,13 @@ def restore(
         tree_path = target.get("path")
     selection = safe.normalize_only(only, tree_path) if only else None
     root = safe.prepare_dest(to_dir, force)
-    conn, resp, total, announced = client.stream_archive(archive_id)
+    if selection:
+        # Just the selected entries, read through the archive's index on the
+        # server; gzip's CRC of every member is checked while extracting.
+        conn, resp = client.stream_extract(archive_id, selection)
+        total, announced = None, None
+    else:
+        conn, resp, total, announced = client.stream_archive(archive_id)
     try:
         with output.progress_bar(f"restoring archive {archive_id}", total) as bar:
             reader = safe.HashingReader(resp, bar, total)
@@ -778,7 +790,8 @@ def restore(
     finally:
         conn.close()
     actual = reader.digest.hexdigest()
-    for expected in {announced, backup.get("sha256")} - {None}:
+    wanted = {announced, None if selection else backup.get("sha256")} - {None}
+    for expected in wanted:
         if expected != actual:
             raise ClientError(
                 "checksum_mismatch",
@@ -927,3 +940,7 @@ def trust(state: State, address: Address, fingerprint: str | None) -> None:
         click.echo(
             f"forgot the pinned host key of {name}{was}; the next contact pins the key it presents"
         )
+
+
+# Commands kept in their own modules register on ``main`` when imported.
+from cli import browse as _browse  # noqa: E402,F401

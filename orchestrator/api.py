@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import metrics, options_api, validation, web
+from orchestrator import browse_api, metrics, options_api, progress_api, validation, web
 from orchestrator.errors import BackhaulError
 from orchestrator.guard import RequestGuard
 from orchestrator.restore import restore_to_node
@@ -378,4 +378,6 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(metrics.router(server))
     app.include_router(web.router(server))
     app.include_router(options_api.router(server), dependencies=[Depends(require_token)])
+    app.include_router(browse_api.router(server), dependencies=[Depends(require_token)])
+    app.include_router(progress_api.router(server), dependencies=[Depends(require_token)])
     return app

@@ -165,6 +165,7 @@ class BackupEngine:
         self._run_slots = threading.BoundedSemaphore(max_runs)
         self._lock = threading.Lock()
         self._running: set[int] = set()
+        self._wires: dict[int, tuple[int, _Payload]] = {}  # target -> its run's bytes
         self._target_locks: dict[int, threading.Lock] = {}
         self._node_slots: dict[NodeAddress, threading.BoundedSemaphore] = {}
         # Set by a server that is shutting down: runs it aborts are recorded
@@ -178,6 +179,12 @@ class BackupEngine:
     def in_flight(self) -> int:
         with self._lock:
             return len(self._running)
+
+    def progress(self, target_id: int) -> tuple[int, int] | None:
+        """(run id, bytes received so far) of the target's run in progress."""
+        with self._lock:
+            found = self._wires.get(target_id)
+        return None if found is None else (found[0], found[1].so_far())
 
     def is_running(self, target_id: int) -> bool:
         with self._lock:
@@ -213,6 +220,8 @@ class BackupEngine:
         started = time.monotonic()
         run_id = self.catalog.start_run(target.id, trigger, scheduled_at)
         wire = _Payload()
+        with self._lock:
+            self._wires[target.id] = (run_id, wire)
         deadline = self.limits.deadline()
         try:
             with self.pool.session(node) as conn:
@@ -232,6 +241,8 @@ class BackupEngine:
             log.exception("run %s of target %s crashed", run_id, target.id)
             result = self._fail(target, run_id, "internal_error",
                                 f"{exc.__class__.__name__}: {exc}", wire.total())
+        with self._lock:
+            self._wires.pop(target.id, None)
         result = _with_duration(result, time.monotonic() - started)
         # A failure is logged once, at WARNING, with target, node and run id.
         level = logging.WARNING if result.status in ("failed", "interrupted") else logging.INFO
@@ -581,6 +592,13 @@ class _Node:
              sink: Callable[[bytes], None] | None = None,
              ok: tuple[int, ...] = (0,)) -> ExecResult:
         throttle = self.engine.throttle
+        if sink is not None:  # bytes so far, for progress while the transfer goes on
+            wire, counted = self.wire, sink
+
+            def sink(data: bytes) -> None:
+                wire.live += len(data)
+                counted(data)
+
         if sink is not None and throttle is not None:
             inner = sink
 
@@ -655,13 +673,19 @@ class _Payload:
 
     def __init__(self) -> None:
         self._total = 0
+        self.live = 0  # streamed stdout of the command still running
 
     def add(self, res: ExecResult) -> ExecResult:
         self._total += res.stdout_bytes + res.stderr_bytes
+        self.live = 0
         return res
 
     def total(self) -> int:
         return self._total
+
+    def so_far(self) -> int:
+        """Bytes received until now, for progress (read from other threads)."""
+        return self._total + self.live
 
 
 def _with_duration(r: RunResult, seconds: float) -> RunResult:

@@ -227,6 +227,15 @@ class ArchiveStore:
         except (OSError, InvalidIndex) as exc:
             reason = str(exc)
         log.warning("rebuilding the index of %s: %s", file_name, reason)
+        return self.rebuild_index(file_name)
+
+    def rebuild_index(self, file_name: str) -> ArchiveIndex:
+        """A new index from the archive alone, written in place of the old one."""
+        path = self.path_of(file_name)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
         with open(path, "rb") as f:
             def read(offset: int, length: int) -> bytes:
                 return os.pread(f.fileno(), length, offset)
