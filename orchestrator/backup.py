@@ -592,19 +592,21 @@ class _Node:
              sink: Callable[[bytes], None] | None = None,
              ok: tuple[int, ...] = (0,)) -> ExecResult:
         throttle = self.engine.throttle
-        if sink is not None:  # bytes so far, for progress while the transfer goes on
-            wire, counted = self.wire, sink
-
-            def sink(data: bytes) -> None:
-                wire.live += len(data)
-                counted(data)
-
         if sink is not None and throttle is not None:
             inner = sink
 
             def sink(data: bytes) -> None:
                 throttle(len(data))
                 inner(data)
+
+        if sink is not None:  # bytes so far, for progress while the transfer goes on
+            # Counted as they arrive, before the --bwlimit pause: a window's
+            # worth can arrive at once and then wait for the bucket.
+            wire, counted = self.wire, sink
+
+            def sink(data: bytes) -> None:
+                wire.live += len(data)
+                counted(data)
 
         res = self.wire.add(self.conn.exec(command, sink=sink, what=what, stdin=stdin,
                                            stderr_limit=self.engine.stderr_limit,
