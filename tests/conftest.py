@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fixtures.postgres import PostgresCluster
 from fixtures.server import Backhauld
 from fixtures.sshd.launcher import SSHD
 from orchestrator.backup import BackupEngine, CatalogHostKeys
@@ -43,6 +44,22 @@ def own_node(tmp_path: Path, server_key: ServerKey) -> Iterator[SSHD]:
     """A fresh sshd for a test that stops it, kills its sessions or rekeys it."""
     with SSHD(tmp_path / "own-node", server_key.public_line, host="127.0.0.2") as sshd:
         yield sshd
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """One real PostgreSQL cluster for the session (started on first use)."""
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty catalog database on each engine: the contract suites run
+    on both. PostgreSQL: a new database in the session's cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    return request.getfixturevalue("pg").create_database()
 
 
 @dataclass
