@@ -81,9 +81,10 @@ class Engine:
         return sorted(self.store.root.rglob("*.tar.gz"))
 
 
-def make_engine(data: Path, key: ServerKey, *, io_timeout: float = 15.0) -> Engine:
+def make_engine(data: Path, key: ServerKey, *, io_timeout: float = 15.0,
+                catalog_url: str | None = None) -> Engine:
     data.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(data / "catalog.db")
+    catalog = Catalog(catalog_url or data / "catalog.db")
     store = ArchiveStore(data / "archives")
     pool = SSHPool(key, CatalogHostKeys(catalog), connect_timeout=5, io_timeout=io_timeout)
     return Engine(catalog, store, pool, BackupEngine(catalog, store, pool), data)
