@@ -104,10 +104,15 @@ class Scheduler:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def take_ownership(self) -> None:
+        """Only one scheduler may own a job store (APScheduler): a second
+        backhauld on the same PostgreSQL catalog is refused here, before it
+        touches anything (``OwnerLockHeld``)."""
+        if self._owner is None:
+            self._owner = dialect.take_owner_lock(self.engine, "scheduler")
+
     def start(self, paused: bool = False) -> None:
-        # Only one scheduler may own a job store (APScheduler): a second
-        # backhauld on the same PostgreSQL catalog is refused here.
-        self._owner = dialect.take_owner_lock(self.engine, "scheduler")
+        self.take_ownership()
         self.aps.start(paused=paused)
 
     def resume(self) -> None:

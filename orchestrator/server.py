@@ -108,6 +108,9 @@ class Server:
 
     def start(self) -> None:
         """Recover from whatever the last process left, then start scheduling."""
+        # First: another live server on this catalog would see its runs
+        # marked interrupted below.
+        self.scheduler.take_ownership()
         interrupted = self.catalog.interrupt_running()
         if interrupted:
             log.warning("runs %s were in flight when the server stopped: marked interrupted",
@@ -162,7 +165,8 @@ class Server:
         jobs.install(None)
         self.catalog.close()
         os.close(self._lock_fd)
-        log.info("backhauld stopped")
+        if self.started:
+            log.info("backhauld stopped")
 
     def _janitor_loop(self) -> None:
         while not self._stopping.wait(min(30.0, self.settings.idle_timeout / 2)):
