@@ -156,6 +156,9 @@ archives = sa.Table(
     sa.Column("verified_at", UTCDateTime),
     sa.Column("verify_status", sa.String(16)),
     sa.Column("verify_error", sa.Text),
+    # A scrubber's lease on this archive (claim_scrub): others pass it by
+    # until the check is recorded or the lease runs out (a crashed scrubber).
+    sa.Column("scrub_claimed_until", UTCDateTime),
 )
 sa.Index("ix_archives_retained", archives.c.target_id,
          sqlite_where=archives.c.deleted_at.is_(None),
@@ -699,7 +702,33 @@ class Catalog:
         assert status in ("ok", "corrupt")
         with self._tx() as conn:
             conn.execute(archives.update().where(archives.c.id == archive_id).values(
-                verified_at=self.clock(), verify_status=status, verify_error=error))
+                verified_at=self.clock(), verify_status=status, verify_error=error,
+                scrub_claimed_until=None))
+
+    def claim_scrub(self, older_than: dt.datetime, lease: dt.timedelta,
+                    limit: int = 20) -> list[dict[str, Any]]:
+        """Claim up to ``limit`` archives due for a scrub (as in
+        ``archives_due_for_scrub``) that no other scrubber holds, for ``lease``.
+
+        Several processes may scrub one catalog: the rows are read with
+        ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so a concurrent claimer takes
+        the next ones instead of waiting or taking the same; the lease keeps
+        them out of later claims until ``record_verification`` clears it."""
+        now = self.clock()
+        last = sa.func.coalesce(archives.c.verified_at, archives.c.created_at)
+        q = (sa.select(archives)
+             .where(archives.c.deleted_at.is_(None), last < older_than,
+                    sa.or_(archives.c.scrub_claimed_until.is_(None),
+                           archives.c.scrub_claimed_until < now))
+             .order_by(last, archives.c.id).limit(limit)
+             .with_for_update(skip_locked=True))
+        with self._tx() as conn:
+            rows = [_row(r) for r in conn.execute(q)]
+            if rows:
+                conn.execute(archives.update()
+                             .where(archives.c.id.in_([r["id"] for r in rows]))
+                             .values(scrub_claimed_until=now + lease))
+        return rows
 
     def archives_due_for_scrub(self, older_than: dt.datetime, limit: int = 100
                                ) -> list[dict[str, Any]]:

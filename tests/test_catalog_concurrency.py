@@ -4,6 +4,7 @@ this process and in a second process at once, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -175,5 +176,66 @@ def test_two_processes_open_a_new_catalog_at_once(catalog_url: str, tmp_path: Pa
     cat = Catalog(catalog_url)
     try:
         assert len(cat.list_nodes()) == 1
+    finally:
+        cat.close()
+
+
+def test_scrub_claims_hand_each_archive_to_one_claimer(cat: Catalog, tmp_path: Path) -> None:
+    n = cat.ensure_node("u", "127.0.0.1", 22)
+    t = cat.add_target(n.id, "/a", 5, 10)
+    made = []
+    for i in range(60):
+        run = cat.start_run(t.id, "manual")
+        made.append(cat.commit_archive(
+            run, t.id, created_at=cat.clock(), size=1, sha256="a" * 64,
+            file_name=f"1/{i}.tar.gz", fingerprint="f" * 64, bytes_transferred=1,
+            warnings=None))
+    proc = other_process(cat.url, tmp_path / "go", """
+        import datetime as dt
+        result = []
+        while True:
+            got = cat.claim_scrub(cat.clock() + dt.timedelta(days=1),
+                                  lease=dt.timedelta(hours=1), limit=3)
+            if not got:
+                break
+            result += [a["id"] for a in got]
+    """)
+
+    def work(_i: int) -> list[int]:
+        mine: list[int] = []
+        while got := cat.claim_scrub(cat.clock() + dt.timedelta(days=1),
+                                     lease=dt.timedelta(hours=1), limit=3):
+            mine += [a["id"] for a in got]
+        return mine
+
+    results, theirs = race(cat, tmp_path / "go", proc, work)
+    claimed = [i for r in results for i in r] + theirs  # type: ignore[union-attr]
+    assert sorted(claimed) == sorted(made)  # every archive, each exactly once
+
+
+def test_a_claim_skips_rows_another_transaction_holds(pg, tmp_path: Path) -> None:
+    """PostgreSQL: rows locked by a claim still in flight are passed over at
+    once (SKIP LOCKED), neither waited for nor claimed twice."""
+    import sqlalchemy as sa
+
+    cat = Catalog(pg.create_database())
+    try:
+        t = cat.add_target(cat.ensure_node("u", "127.0.0.1", 22).id, "/a", 5, 10)
+        ids = [cat.commit_archive(cat.start_run(t.id, "manual"), t.id,
+                                  created_at=cat.clock(), size=1, sha256="a" * 64,
+                                  file_name=f"1/{i}.tar.gz", fingerprint="f" * 64,
+                                  bytes_transferred=1, warnings=None) for i in range(4)]
+        with cat.engine.connect() as holder:
+            holder.begin()
+            holder.execute(sa.text("SELECT id FROM archives WHERE id IN (:a, :b) FOR UPDATE"),
+                           {"a": ids[0], "b": ids[1]})
+            started = time.monotonic()
+            got = cat.claim_scrub(cat.clock() + dt.timedelta(days=1),
+                                  lease=dt.timedelta(hours=1), limit=10)
+            assert time.monotonic() - started < 5  # far below the 30 s lock timeout
+            assert [a["id"] for a in got] == ids[2:]
+            holder.rollback()
+        rest = cat.claim_scrub(cat.clock() + dt.timedelta(days=1), lease=dt.timedelta(hours=1))
+        assert [a["id"] for a in rest] == ids[:2]
     finally:
         cat.close()

@@ -254,6 +254,21 @@ def test_status_page_rows(cat: Catalog, clock: Clock) -> None:
     assert row.runs == {"success": 1, "failed": 1}
 
 
+def test_scrub_claims_lease_archives(cat: Catalog, clock: Clock) -> None:
+    t = cat.add_target(node(cat).id, "/a", 5, 10)
+    a1, a2 = backup(cat, t.id, clock), backup(cat, t.id, clock)
+    hour = dt.timedelta(hours=1)
+    first = cat.claim_scrub(clock.tick(), lease=hour, limit=1)
+    assert [a["id"] for a in first] == [a1]  # the longest unchecked first
+    assert [a["id"] for a in cat.claim_scrub(clock.now, lease=hour)] == [a2]
+    assert cat.claim_scrub(clock.now, lease=hour) == []  # both leased
+    checked = clock.tick()
+    cat.record_verification(a1, "ok", None)  # checked: the lease ends with it
+    clock.tick(2 * 3600)  # a2's claimer died: its lease ran out
+    assert [a["id"] for a in cat.claim_scrub(checked, lease=hour)] == [a2]
+    assert [a["id"] for a in cat.claim_scrub(clock.tick(), lease=hour)] == [a1]
+
+
 # -- the backup engine on each catalog ------------------------------------------------
 
 
