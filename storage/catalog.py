@@ -304,6 +304,13 @@ class Catalog:
             self.close()
             raise CatalogError(f"catalog migration failed: {dialect.describe(exc)}") from exc
 
+    def size_bytes(self) -> int:
+        """What the catalog database takes on disk (the metrics report it)."""
+        try:
+            return dialect.database_size(self.engine)
+        except (OSError, SQLAlchemyError) as exc:
+            raise CatalogError(f"cannot measure the catalog: {exc}") from exc
+
     def close(self) -> None:
         self.engine.dispose()
         self.reader.dispose()

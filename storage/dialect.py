@@ -168,6 +168,19 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def database_size(engine: Engine) -> int:
+    """Bytes the catalog takes: the SQLite file with its WAL, or the PostgreSQL
+    database (``pg_database_size``)."""
+    path = sqlite_file(str(engine.url))
+    if path is not None:
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            return int(conn.execute(
+                sa.text("SELECT pg_database_size(current_database())")).scalar_one())
+    return 0
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # Let SQLAlchemy emit BEGIN (see the "begin" listener) instead of pysqlite.
     dbapi_conn.isolation_level = None

@@ -243,6 +243,15 @@ def test_archives_rotate_verify_and_span_registrations(cat: Catalog, clock: Cloc
     assert cat.get_run(rid)["error_code"] == "archive_corrupt"
 
 
+def test_the_catalog_knows_its_size(cat: Catalog) -> None:
+    before = cat.size_bytes()
+    assert before > 0
+    n = node(cat)
+    for i in range(300):
+        cat.add_target(n.id, f"/{'x' * 200}/{i}", 5, 10)
+    assert cat.size_bytes() > before
+
+
 def test_status_page_rows(cat: Catalog, clock: Clock) -> None:
     t = cat.add_target(node(cat).id, "/a", 5, 10)
     backup(cat, t.id, clock, size=2**33)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import LiveServer
@@ -74,6 +75,12 @@ def test_a_restarted_server_on_postgresql_finds_everything(
             for archive in again:
                 data = srv.api("GET", f"/archives/{archive['id']}/download").content
                 assert hashlib.sha256(data).hexdigest() == archive["sha256"]
+        # the metrics measure the PostgreSQL database, not a file in the data dir
+        metrics = httpx.get(srv.url + "/metrics", timeout=30,
+                            headers={"Authorization": f"Bearer {srv.token}"}).text
+        (size,) = [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("backhaul_catalog_size_bytes ")]
+        assert size > 1_000_000  # an empty PostgreSQL database alone is ~7 MB
         # and it goes on working: a manual run lands in the same catalog
         r = srv.api("POST", f"/targets/{b['id']}/run", params={"wait": "true"})
         assert r.json()["run"]["status"] == "unchanged", r.text
