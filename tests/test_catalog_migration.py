@@ -155,3 +155,20 @@ def test_backhauld_migrate_refuses_a_newer_catalog_in_one_line(catalog_url: str)
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "newer than this backhaul" in done.stderr
+
+
+def test_an_installed_package_carries_every_migration() -> None:
+    """The revisions are package data: a file the patterns miss would be
+    missing from a wheel, and a catalog could not be brought to head."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["storage.migrations"]
+    here = root / "storage" / "migrations"
+    files = [p.relative_to(here).as_posix() for p in here.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    assert "versions/0001_baseline.py" in files
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert missing == []
