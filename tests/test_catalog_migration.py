@@ -172,3 +172,26 @@ def test_an_installed_package_carries_every_migration() -> None:
     assert "versions/0001_baseline.py" in files
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert missing == []
+
+
+@pytest.mark.parametrize("release", [1, 2])
+def test_an_earlier_release_refuses_a_migrated_catalog(tmp_path: Path, release: int) -> None:
+    """The fence works on the real code of those releases (from git history):
+    once Alembic manages a catalog, release 1 or 2 started on it by mistake
+    stops instead of writing to a schema it does not know."""
+    sys.path.insert(0, str(DATA))
+    try:
+        import make_release_catalogs as releases
+    finally:
+        sys.path.remove(str(DATA))
+    commit = releases.RELEASES[release]
+    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"],
+                           cwd=releases.ROOT, capture_output=True)
+    if known.returncode != 0:
+        pytest.skip(f"release {release}'s commit {commit} is not in this clone's history")
+    old = releases.load(commit)
+    db = load_release(tmp_path, release)
+    Catalog(db).close()
+    with pytest.raises(Exception, match="newer than this backhaul") as err:
+        old.Catalog(db)
+    assert err.value.__class__.__name__ == "CatalogError"
