@@ -162,3 +162,35 @@ def test_a_second_server_on_the_same_postgresql_catalog_is_refused(
         assert first.api("GET", "/targets").status_code == 200
     finally:
         first.stop()
+
+
+def test_kill_9_mid_transfer_on_postgresql(tmp_path: Path, server_key: ServerKey,
+                                           node: SSHD, pg: PostgresCluster) -> None:
+    """A crash leaves no listed partial archive; the restarted server takes the
+    scheduler lock the dead one held, marks its run interrupted and goes on."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(40):
+        (big / f"chunk-{i}").write_bytes(os.urandom(1024 * 1024))
+    srv = LiveServer(tmp_path / "srv", server_key, catalog_url=pg.create_database(),
+                     bwlimit="8MiB")
+    srv.start()
+    try:
+        t = srv.register(node, big, every=60)
+        archives = srv.data_dir / "archives"
+        srv.wait_for(lambda: any(p.stat().st_size > 2**20
+                                 for p in archives.rglob("*.partial-*")),
+                     30, "a partial archive being written")
+        srv.kill()
+        srv.start()
+        killed = srv.runs(t["id"])[-1]
+        assert killed["status"] == "interrupted"
+        r = srv.api("POST", f"/targets/{t['id']}/run", params={"wait": "true"})
+        assert r.json()["run"]["status"] in ("success", "unchanged"), r.text
+        backups = srv.api("GET", f"/targets/{t['id']}/backups").json()["backups"]
+        assert len(backups) == 1 and backups[0]["run_id"] != killed["id"]
+        data = srv.api("GET", f"/archives/{backups[0]['id']}/download").content
+        assert hashlib.sha256(data).hexdigest() == backups[0]["sha256"]
+        assert not list(archives.rglob("*.partial-*"))
+    finally:
+        srv.stop()
