@@ -75,7 +75,7 @@ class Scheduler:
         self.store = SQLAlchemyJobStore(engine=self.engine, tablename=TABLE)
         self._due: dict[str, deque[dt.datetime]] = {}
         self._due_lock = threading.Lock()
-        self.aps = BackgroundScheduler(
+        self.aps = _Background(
             jobstores={"default": self.store},
             executors={"default": _RecordingExecutor(workers, self._submitted)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -278,6 +278,23 @@ class Scheduler:
             self.aps.remove_job(job_id)
         except JobLookupError:
             pass
+
+
+class _Background(BackgroundScheduler):
+    """APScheduler 3 guards only its due-jobs query against job store errors:
+    one raised while it stores a fired job's next time or reads the next
+    wake-up ends its thread, and nothing is scheduled again. With the job store
+    in a PostgreSQL server that may restart under us, such a pass is logged and
+    retried after ``jobstore_retry_interval`` instead (a job whose new time was
+    not stored fires again; the server never runs a target twice at once)."""
+
+    def _process_jobs(self) -> float | None:
+        try:
+            return super()._process_jobs()
+        except Exception as exc:  # noqa: BLE001 - the scheduler thread must not die
+            log.warning("scheduler pass failed, retrying in %gs: %s",
+                        self.jobstore_retry_interval, dialect.describe(exc))
+            return self.jobstore_retry_interval
 
 
 class _RecordingExecutor(ThreadPoolExecutor):

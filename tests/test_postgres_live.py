@@ -194,3 +194,49 @@ def test_kill_9_mid_transfer_on_postgresql(tmp_path: Path, server_key: ServerKey
         assert not list(archives.rglob("*.partial-*"))
     finally:
         srv.stop()
+
+
+def test_schedules_go_on_after_the_database_restarts(tmp_path: Path, server_key: ServerKey,
+                                                     node: SSHD) -> None:
+    """PostgreSQL restarted (maintenance, failover) while backhauld runs: the
+    scheduler must survive errors from its job store and fire again once the
+    database is back, not stop scheduling for good."""
+    with PostgresCluster() as own:
+        srv = LiveServer(tmp_path / "srv", server_key, catalog_url=own.create_database(),
+                         minute_seconds=1)
+        srv.start()
+        try:
+            t = srv.register(node, tree(tmp_path / "app"), every=1)
+            srv.wait_for(lambda: len(srv.runs(t["id"])) >= 2, 30, "two scheduled runs")
+            own.restart(down_for=4)  # several scheduler ticks with the database away
+            srv.wait_for(lambda: srv.api("GET", "/targets").status_code == 200, 30,
+                         "the API to read the catalog again")
+            after = len(srv.runs(t["id"]))
+            srv.wait_for(lambda: len(srv.runs(t["id"])) >= after + 2, 30,
+                         "scheduled runs after the database came back")
+        finally:
+            srv.stop()
+
+
+def test_the_scheduler_survives_a_job_store_write_failing(
+        tmp_path: Path, server_key: ServerKey, node: SSHD, pg: PostgresCluster) -> None:
+    """APScheduler itself only survives errors of its due-jobs query. Here the
+    job store refuses writes for a while (its role loses UPDATE on the table):
+    storing a fired job's next time fails, the scheduler's thread must live on,
+    and once writes work again the target is backed up on schedule."""
+    url = pg.create_database(owner="bh_sched", password="pw-" + os.urandom(4).hex())
+    database = url.rsplit("/", 1)[1]
+    srv = LiveServer(tmp_path / "srv", server_key, catalog_url=url, minute_seconds=1)
+    srv.start()
+    try:
+        t = srv.register(node, tree(tmp_path / "app"), every=1)
+        srv.wait_for(lambda: len(srv.runs(t["id"])) >= 2, 30, "two scheduled runs")
+        pg.sql(database, 'REVOKE UPDATE ON apscheduler_jobs FROM "bh_sched"')
+        srv.wait_for(lambda: "permission denied for table apscheduler_jobs" in srv.log(), 30,
+                     "a scheduler pass that could not store a job")
+        pg.sql(database, 'GRANT UPDATE ON apscheduler_jobs TO "bh_sched"')
+        after = len(srv.runs(t["id"]))
+        srv.wait_for(lambda: len(srv.runs(t["id"])) >= after + 2, 40,
+                     "scheduled runs once the job store takes writes again")
+    finally:
+        srv.stop()
