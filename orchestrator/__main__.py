@@ -31,12 +31,15 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("paramiko", "apscheduler"):
+    for noisy in ("paramiko", "apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["migrate"]:
+        from orchestrator.migrate_cmd import migrate
+        return migrate(argv[1:])
     if "--version" in argv:
         from orchestrator.server import __version__
         print(f"backhauld {__version__}")
@@ -55,11 +58,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.api import create_app
     from orchestrator.guard import listen_warning
     from orchestrator.server import Server, ServerError
+    from storage.dialect import DatabaseUnavailable
+    from storage.errors import StorageError
 
+    server = None
     try:
         server = Server(settings)
         server.start()
-    except ServerError as exc:
+    except (ServerError, StorageError, DatabaseUnavailable) as exc:
+        # Bad configuration (a database that cannot be reached or refuses us,
+        # a catalog newer than this code): one line, nothing left running.
+        if server is not None:
+            server.stop()
         print(f"backhauld: error: {exc.message}", file=sys.stderr)
         return 1
     host, port = settings.listen

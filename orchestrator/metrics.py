@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -173,23 +173,11 @@ class BackhaulCollector(Collector):
         free.add_metric([], st.f_bavail * st.f_frsize)
         size = GaugeMetricFamily("backhaul_catalog_size_bytes",
                                  "size of the catalog database (with its WAL)")
-        size.add_metric([], sum(_size(p) for p in _catalog_files(self.server)))
+        size.add_metric([], self.server.catalog.size_bytes())
         up = GaugeMetricFamily("backhaul_up", "1: backhauld answers", labels=["version"])
         from orchestrator.server import __version__
         up.add_metric([__version__], 1)
         return [free, size, up], 0
-
-
-def _catalog_files(server: Server) -> Iterable[str]:
-    base = str(server.data_dir / "catalog.db")
-    return (base, base + "-wal")
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
 
 
 def render(server: Server) -> bytes:

@@ -30,7 +30,8 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import event
+
+from storage import dialect
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,18 @@ _SEQ = itertools.count(1)
 
 
 class Scheduler:
-    def __init__(self, path: Path, *, workers: int, minute_seconds: float = 60.0) -> None:
+    def __init__(self, store: Path | str, *, workers: int, minute_seconds: float = 60.0) -> None:
+        """``store``: a SQLite file of its own (the default) or the URL of the
+        PostgreSQL catalog database, where the jobs get a table of their own."""
         self.minute_seconds = minute_seconds
-        self.engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
-        event.listen(self.engine, "connect", _wal)
+        self.engine = dialect.create_engine(dialect.normalise_url(store), busy_timeout=30,
+                                            immediate=False)
+        self._dialect = self.engine.dialect.name
+        self._owner: sa.Connection | None = None
         self.store = SQLAlchemyJobStore(engine=self.engine, tablename=TABLE)
         self._due: dict[str, deque[dt.datetime]] = {}
         self._due_lock = threading.Lock()
-        self.aps = BackgroundScheduler(
+        self.aps = _Background(
             jobstores={"default": self.store},
             executors={"default": _RecordingExecutor(workers, self._submitted)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -99,7 +104,15 @@ class Scheduler:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def take_ownership(self) -> None:
+        """Only one scheduler may own a job store (APScheduler): a second
+        backhauld on the same PostgreSQL catalog is refused here, before it
+        touches anything (``OwnerLockHeld``)."""
+        if self._owner is None:
+            self._owner = dialect.take_owner_lock(self.engine, "scheduler")
+
     def start(self, paused: bool = False) -> None:
+        self.take_ownership()
         self.aps.start(paused=paused)
 
     def resume(self) -> None:
@@ -112,6 +125,9 @@ class Scheduler:
             thread = getattr(self.aps, "_thread", None)
             if thread is not None:
                 thread.join(10)
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
         self.engine.dispose()
 
     # -- targets --------------------------------------------------------------
@@ -182,7 +198,8 @@ class Scheduler:
             where = "(id LIKE 'target:%' OR id LIKE 'retry:%')"
             params: dict[str, Any] = {}
         else:
-            where = "(id = :t OR (id >= :lo AND id < :hi))"  # the retry range
+            # the retry range
+            where = f"(id = :t OR {dialect.prefix_range('id', self._dialect)})"
             params = {"t": target_job(target_id), "lo": f"retry:{target_id}:",
                       "hi": f"retry:{target_id};"}
         out: dict[int, dt.datetime] = {}
@@ -220,8 +237,8 @@ class Scheduler:
         """Ids starting with ``prefix`` (which ends in ':'), by an index range
         rather than a LIKE that scans the whole table."""
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.text(f"SELECT id FROM {TABLE} WHERE id >= :lo "
-                                             "AND id < :hi"),
+            return list(conn.execute(sa.text(f"SELECT id FROM {TABLE} WHERE "
+                                             + dialect.prefix_range("id", self._dialect)),
                                      {"lo": prefix, "hi": prefix[:-1] + ";"}).scalars())
 
     def schedule_retry(self, target_id: int, when: dt.datetime) -> None:
@@ -263,6 +280,23 @@ class Scheduler:
             pass
 
 
+class _Background(BackgroundScheduler):
+    """APScheduler 3 guards only its due-jobs query against job store errors:
+    one raised while it stores a fired job's next time or reads the next
+    wake-up ends its thread, and nothing is scheduled again. With the job store
+    in a PostgreSQL server that may restart under us, such a pass is logged and
+    retried after ``jobstore_retry_interval`` instead (a job whose new time was
+    not stored fires again; the server never runs a target twice at once)."""
+
+    def _process_jobs(self) -> float | None:
+        try:
+            return super()._process_jobs()
+        except Exception as exc:  # noqa: BLE001 - the scheduler thread must not die
+            log.warning("scheduler pass failed, retrying in %gs: %s",
+                        self.jobstore_retry_interval, dialect.describe(exc))
+            return self.jobstore_retry_interval
+
+
 class _RecordingExecutor(ThreadPoolExecutor):
     """Notes each job's due time before a worker can start it, so the job can
     record its start delay (APScheduler does not pass the time to the job)."""
@@ -274,9 +308,3 @@ class _RecordingExecutor(ThreadPoolExecutor):
     def _do_submit_job(self, job: Any, run_times: list[dt.datetime]) -> None:
         self._on_submit(job.id, run_times[-1])
         super()._do_submit_job(job, run_times)
-
-
-def _wal(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.close()

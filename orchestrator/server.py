@@ -67,8 +67,10 @@ class Server:
         os.chmod(self.data_dir, 0o700)
         self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock")
         self.token = _load_or_create_token(self.data_dir / "api-token")
-        self.catalog = Catalog(self.data_dir / "catalog.db", clock=clock,
-                               busy_timeout=settings.db_busy_timeout)
+        # The catalog (default: SQLite in the data dir) is opened and its schema
+        # upgraded before anything else starts: a bad URL stops us here.
+        self.catalog = Catalog(settings.catalog_url or self.data_dir / "catalog.db",
+                               clock=clock, busy_timeout=settings.db_busy_timeout)
         self.store = ArchiveStore(self.data_dir / "archives")
         self.key = ServerKey(self.data_dir / "ssh" / "id_ed25519",
                              comment=f"backhaul@{os.uname().nodename}")
@@ -88,7 +90,8 @@ class Server:
         self.sender = Sender(max_queue=settings.notify_queue)
         self.notifier = Notifier(self.catalog, self.sender, settings.notify_url,
                                  repeat_seconds=settings.notify_repeat, clock=clock)
-        self.scheduler = Scheduler(self.data_dir / "jobs.db", workers=settings.workers,
+        self.scheduler = Scheduler(job_store_url(self.catalog.url, self.data_dir),
+                                   workers=settings.workers,
                                    minute_seconds=settings.minute_seconds)
         self.manual = ThreadPoolExecutor(max_workers=settings.workers,
                                          thread_name_prefix="manual-run")
@@ -106,6 +109,9 @@ class Server:
 
     def start(self) -> None:
         """Recover from whatever the last process left, then start scheduling."""
+        # First: another live server on this catalog would see its runs
+        # marked interrupted below.
+        self.scheduler.take_ownership()
         interrupted = self.catalog.interrupt_running()
         if interrupted:
             log.warning("runs %s were in flight when the server stopped: marked interrupted",
@@ -160,7 +166,8 @@ class Server:
         jobs.install(None)
         self.catalog.close()
         os.close(self._lock_fd)
-        log.info("backhauld stopped")
+        if self.started:
+            log.info("backhauld stopped")
 
     def _janitor_loop(self) -> None:
         while not self._stopping.wait(min(30.0, self.settings.idle_timeout / 2)):
@@ -617,6 +624,14 @@ class WaitTimeout(BackhaulError):
 
 class ServerError(BackhaulError):
     code = "server_error"
+
+
+def job_store_url(catalog_url: str, data_dir: Path) -> str:
+    """APScheduler's jobs sit beside a PostgreSQL catalog (a table of their
+    own); with a SQLite catalog, in a SQLite file of their own."""
+    if catalog_url.startswith("postgresql"):
+        return catalog_url
+    return f"sqlite:///{data_dir / 'jobs.db'}"
 
 
 def _lock_data_dir(path: Path) -> int:

@@ -86,6 +86,14 @@ def _urls(text: str) -> list[str]:
     return out
 
 
+def _database_url(text: str) -> str:
+    text = text.strip()
+    if text and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", text):
+        raise ValueError("must be sqlite:///FILE or postgresql+psycopg://USER@HOST:PORT/DB "
+                         "(the URL is not shown: it may hold a password)")
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -109,6 +117,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", "./backhaul-data",
             "directory for the catalog, job store, archives, SSH key and API token",
             lambda s: Path(s)),
+    Setting("catalog_url", "", "catalog database: `postgresql+psycopg://USER@HOST:PORT/DB` "
+            "(the job store then sits in the same database) or `sqlite:///FILE`; empty: "
+            "`catalog.db` in the data dir. Give a password in the env var, not the flag "
+            "(`ps` shows flags), or leave it out and use `~/.pgpass`", _database_url),
     Setting("listen", "127.0.0.1:7710", "HOST:PORT the HTTP/JSON API listens on", parse_listen),
     Setting("workers", "8", "backups running at once, over all nodes", _positive_int),
     Setting("per_node", "2", "backups running at once on one node", _positive_int),

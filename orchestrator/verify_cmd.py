@@ -143,6 +143,11 @@ def archive_root(catalog: Catalog, archive: dict[str, Any]) -> str:
     return posixpath.basename(path.rstrip("/")) or "."
 
 
+# How long a claimed batch of archives stays out of other scrubbers' claims:
+# past it (a crashed scrubber) they are due again.
+SCRUB_LEASE = dt.timedelta(hours=6)
+
+
 class Scrubber:
     """Verifies every kept archive once per ``every`` (oldest check first), one
     at a time, and writes each outcome to the run log (trigger ``scrub``)."""
@@ -170,8 +175,9 @@ class Scrubber:
     def scrub_due(self) -> int:
         done = 0
         while not self.stopping.is_set():
-            due = self.catalog.archives_due_for_scrub(self.catalog.clock() - self.every,
-                                                      limit=20)
+            # claimed, not just read: another process may scrub this catalog too
+            due = self.catalog.claim_scrub(self.catalog.clock() - self.every,
+                                           lease=SCRUB_LEASE, limit=20)
             if not due:
                 return done
             for archive in due:

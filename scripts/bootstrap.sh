@@ -23,14 +23,24 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# A throwaway PostgreSQL cluster for the catalog contract suite (initdb and
+# postgres live in /usr/lib/postgresql/N/bin on Debian, outside PATH).
+command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+    || need+=(postgresql)
 
 if [ ${#need[@]} -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
+        if [[ " ${need[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+            # The tests make their own throwaway clusters: no system-wide one.
+            mkdir -p /etc/postgresql-common
+            echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+        fi
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        UCF_FORCE_CONFFOLD=1 apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confold "${need[@]}" >/dev/null
     else
         echo "bootstrap: missing OS packages: ${need[*]}" >&2
         echo "bootstrap: install them with: sudo apt-get install ${need[*]}" >&2

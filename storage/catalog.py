@@ -1,8 +1,12 @@
 """The catalog: nodes, targets, archives and the run log (SQLAlchemy Core).
 
 The catalog is the source of truth for what is registered and what is held.
-SQL stays in SQLAlchemy Core so a PostgreSQL engine can replace SQLite; the
-only SQLite-specific code is the connection set-up in ``_sqlite_pragmas``.
+SQL stays in SQLAlchemy Core and runs on SQLite (the default) and PostgreSQL;
+what differs between the two lives in ``storage/dialect.py`` alone. The
+schema is created and upgraded by the Alembic revisions in
+``storage/migrations/``: a change to the tables below needs a new revision.
+Several processes may write one catalog: a read-modify-write locks the rows
+it reads (``with_for_update``), an insert that may race uses ON CONFLICT.
 
 Run rows are never deleted. Archive rows are never deleted either: rotation
 sets ``deleted_at`` so ``backups`` can list every archive ever made.
@@ -18,16 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from storage.errors import CatalogError, NotFound, TargetExists
+from storage import dialect, migrations
+from storage.errors import CatalogError, CatalogUnavailable, NotFound, TargetExists
 
-# 2: nodes.last_error_code, nodes.forgotten_at; archives.deleted_reason,
-#    archives.verified_at, archives.verify_status, archives.verify_error.
-# 3: runs.transfer, targets.last_node_time (delta transfer).
-SCHEMA_VERSION = 3
 TRANSFERS = ("full", "delta", "none")
 
 RUN_STATUSES = ("running", "success", "unchanged", "failed", "interrupted")
@@ -56,6 +56,8 @@ class UTCDateTime(sa.types.TypeDecorator):
 
 metadata = sa.MetaData()
 
+# The hand-rolled version table of releases 1 and 2, kept only as a fence:
+# the Alembic baseline sets it to a number those releases refuse to open.
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -161,6 +163,9 @@ archives = sa.Table(
     sa.Column("verified_at", UTCDateTime),
     sa.Column("verify_status", sa.String(16)),
     sa.Column("verify_error", sa.Text),
+    # A scrubber's lease on this archive (claim_scrub): others pass it by
+    # until the check is recorded or the lease runs out (a crashed scrubber).
+    sa.Column("scrub_claimed_until", UTCDateTime),
 )
 sa.Index("ix_archives_retained", archives.c.target_id,
          sqlite_where=archives.c.deleted_at.is_(None),
@@ -264,29 +269,24 @@ class Catalog:
     """
 
     def __init__(self, url: str | Path, *, busy_timeout: float = 30.0,
-                 clock: Callable[[], dt.datetime] = utcnow) -> None:
-        if isinstance(url, Path) or "://" not in str(url):
-            url = f"sqlite:///{Path(url)}"
-        self.url = str(url)
+                 clock: Callable[[], dt.datetime] = utcnow, migrate: bool = True) -> None:
+        """Open the catalog at ``url`` (a SQLite file path or a database URL)
+        and, unless ``migrate`` is False, upgrade its schema to this code's.
+        Raises ``CatalogUnavailable`` when the database cannot be used and
+        ``CatalogTooNew`` when a newer backhaul upgraded it."""
+        self.url = dialect.normalise_url(url)
         self.clock = clock
-        self.engine: Engine = sa.create_engine(
-            self.url,
-            connect_args={"timeout": busy_timeout} if self.url.startswith("sqlite") else {},
-            pool_pre_ping=False,
-        )
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            # pysqlite's own transaction handling defers BEGIN; take it over so
-            # write transactions start with BEGIN IMMEDIATE (no upgrade deadlocks).
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        # Reads take no write lock: WAL lets them run beside a writer.
-        self.reader: Engine = sa.create_engine(
-            self.url,
-            connect_args={"timeout": busy_timeout} if self.url.startswith("sqlite") else {})
-        if self.reader.dialect.name == "sqlite":
-            event.listen(self.reader, "connect", _sqlite_pragmas)
-            event.listen(self.reader, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
-        self._create()
+        try:
+            self.engine: Engine = dialect.create_engine(self.url, busy_timeout=busy_timeout)
+            # Reads take no write lock: WAL lets them run beside a writer.
+            self.reader: Engine = (
+                dialect.create_engine(self.url, busy_timeout=busy_timeout, immediate=False)
+                if self.engine.dialect.name == "sqlite" else self.engine)
+            dialect.check_connection(self.engine)
+        except dialect.DatabaseUnavailable as exc:
+            raise CatalogUnavailable(exc.message) from None
+        if migrate:
+            self.upgrade()
 
     # -- plumbing ----------------------------------------------------------
 
@@ -301,21 +301,23 @@ class Catalog:
             raise CatalogError(f"catalog database error: {exc.__class__.__name__}: "
                                f"{getattr(exc, 'orig', exc)}") from exc
 
-    def _create(self) -> None:
-        with self._tx() as conn:
-            metadata.create_all(conn)
-            found = conn.execute(sa.select(schema_version.c.version)).scalar()
-            if found is None:
-                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
-            elif found > SCHEMA_VERSION:
-                raise CatalogError(
-                    f"catalog schema version {found} is newer than this backhaul "
-                    f"({SCHEMA_VERSION}); upgrade backhaul")
-            elif found < SCHEMA_VERSION:
-                _add_missing_columns(conn)
-                conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
-            # create_all adds no index to a table that already exists
-            ix_runs_target_status.create(conn, checkfirst=True)
+    def upgrade(self) -> tuple[str | None, str]:
+        """Create or upgrade the schema (Alembic): (revision before, revision now)."""
+        try:
+            return migrations.upgrade(self.engine)
+        except CatalogError:
+            self.close()
+            raise
+        except SQLAlchemyError as exc:
+            self.close()
+            raise CatalogError(f"catalog migration failed: {dialect.describe(exc)}") from exc
+
+    def size_bytes(self) -> int:
+        """What the catalog database takes on disk (the metrics report it)."""
+        try:
+            return dialect.database_size(self.engine)
+        except (OSError, SQLAlchemyError) as exc:
+            raise CatalogError(f"cannot measure the catalog: {exc}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -324,18 +326,17 @@ class Catalog:
     # -- nodes -------------------------------------------------------------
 
     def ensure_node(self, user: str, host: str, port: int) -> Node:
+        this = sa.select(nodes).where(nodes.c.user == user, nodes.c.host == host,
+                                      nodes.c.port == port).with_for_update()
         with self._tx() as conn:
-            found = conn.execute(
-                sa.select(nodes).where(nodes.c.user == user, nodes.c.host == host,
-                                       nodes.c.port == port)
-            ).first()
+            found = conn.execute(this).first()
             if found is None:
-                conn.execute(nodes.insert().values(user=user, host=host, port=port,
-                                                   probe_attempts=0, created_at=self.clock()))
-                found = conn.execute(
-                    sa.select(nodes).where(nodes.c.user == user, nodes.c.host == host,
-                                           nodes.c.port == port)
-                ).one()
+                # Another process may insert the same node meanwhile: then ours
+                # does nothing and the select below finds theirs.
+                conn.execute(dialect.insert_ignore(nodes, dict(
+                    user=user, host=host, port=port, probe_attempts=0,
+                    created_at=self.clock()), conn.dialect.name))
+                found = conn.execute(this).one()
             elif found.forgotten_at is not None:  # registered again: it is back
                 conn.execute(nodes.update().where(nodes.c.id == found.id)
                              .values(forgotten_at=None))
@@ -428,6 +429,8 @@ class Catalog:
     def delete_node_if_unused(self, node_id: int) -> bool:
         """Remove a node row no target ever used (a refused first registration)."""
         with self._tx() as conn:
+            # add_target locks the node row too: no target can slip in between.
+            conn.execute(sa.select(nodes.c.id).where(nodes.c.id == node_id).with_for_update())
             used = conn.execute(sa.select(targets.c.id).where(targets.c.node_id == node_id)
                                 .limit(1)).first()
             if used is not None:
@@ -439,6 +442,11 @@ class Catalog:
 
     def add_target(self, node_id: int, path: str, every_minutes: int, keep: int) -> Target:
         with self._tx() as conn:
+            # Registrations on one node take turns (the node row's lock), so a
+            # concurrent twin is seen by the check below, not by a constraint.
+            if conn.execute(sa.select(nodes.c.id).where(nodes.c.id == node_id)
+                            .with_for_update()).first() is None:
+                raise NotFound("node", node_id)
             existing = conn.execute(
                 sa.select(targets.c.id).where(targets.c.node_id == node_id,
                                               targets.c.path == path,
@@ -507,7 +515,9 @@ class Catalog:
         """Last run and kept archives of many targets in one query (not one per target)."""
         kept_q = (sa.select(archives.c.target_id,
                             sa.func.count().label("archives_kept"),
-                            sa.func.coalesce(sa.func.sum(archives.c.size), 0).label("bytes_kept"))
+                            # PostgreSQL's sum of a bigint is a numeric: keep it an int
+                            sa.cast(sa.func.coalesce(sa.func.sum(archives.c.size), 0),
+                                    sa.BigInteger).label("bytes_kept"))
                   .where(archives.c.deleted_at.is_(None)))
         if target_ids is not None:
             kept_q = kept_q.where(archives.c.target_id.in_(target_ids))
@@ -536,8 +546,9 @@ class Catalog:
         if unknown:
             raise ValueError(f"unknown target options: {sorted(unknown)}")
         with self._tx() as conn:
-            if conn.execute(sa.select(targets.c.id).where(targets.c.id == target_id)).first() \
-                    is None:
+            # The target row's lock makes concurrent edits of its options take turns.
+            if conn.execute(sa.select(targets.c.id).where(targets.c.id == target_id)
+                            .with_for_update()).first() is None:
                 raise NotFound("target", target_id)
             row = conn.execute(sa.select(target_options)
                                .where(target_options.c.target_id == target_id)).first()
@@ -721,7 +732,33 @@ class Catalog:
         assert status in ("ok", "corrupt")
         with self._tx() as conn:
             conn.execute(archives.update().where(archives.c.id == archive_id).values(
-                verified_at=self.clock(), verify_status=status, verify_error=error))
+                verified_at=self.clock(), verify_status=status, verify_error=error,
+                scrub_claimed_until=None))
+
+    def claim_scrub(self, older_than: dt.datetime, lease: dt.timedelta,
+                    limit: int = 20) -> list[dict[str, Any]]:
+        """Claim up to ``limit`` archives due for a scrub (as in
+        ``archives_due_for_scrub``) that no other scrubber holds, for ``lease``.
+
+        Several processes may scrub one catalog: the rows are read with
+        ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so a concurrent claimer takes
+        the next ones instead of waiting or taking the same; the lease keeps
+        them out of later claims until ``record_verification`` clears it."""
+        now = self.clock()
+        last = sa.func.coalesce(archives.c.verified_at, archives.c.created_at)
+        q = (sa.select(archives)
+             .where(archives.c.deleted_at.is_(None), last < older_than,
+                    sa.or_(archives.c.scrub_claimed_until.is_(None),
+                           archives.c.scrub_claimed_until < now))
+             .order_by(last, archives.c.id).limit(limit)
+             .with_for_update(skip_locked=True))
+        with self._tx() as conn:
+            rows = [_row(r) for r in conn.execute(q)]
+            if rows:
+                conn.execute(archives.update()
+                             .where(archives.c.id.in_([r["id"] for r in rows]))
+                             .values(scrub_claimed_until=now + lease))
+        return rows
 
     def archives_due_for_scrub(self, older_than: dt.datetime, limit: int = 100
                                ) -> list[dict[str, Any]]:
@@ -776,25 +813,3 @@ class Catalog:
             with self._tx() as conn:
                 conn.execute(targets.update().where(targets.c.id == target_id).values(**values))
         return self.get_target(target_id)
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """Upgrade an older catalog in place: every schema change so far only adds
-    nullable columns, which ALTER TABLE ... ADD COLUMN does on every dialect."""
-    have = sa.inspect(conn)
-    for table in metadata.sorted_tables:
-        present = {c["name"] for c in have.get_columns(table.name)}
-        for col in table.columns:
-            if col.name not in present:
-                kind = col.type.compile(dialect=conn.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}')
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # Let SQLAlchemy emit BEGIN (see the "begin" listener) instead of pysqlite.
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()

@@ -58,3 +58,21 @@ class ArchiveTooLarge(InvalidArchive):
     runaway tree): refused while it was received, nothing kept."""
 
     code = "archive_too_large"
+
+
+class CatalogUnavailable(CatalogError):
+    """The catalog database cannot be reached or refused us (wrong URL, host,
+    credentials); the message names the database without its password."""
+
+    code = "catalog_unavailable"
+
+
+class CatalogTooNew(CatalogError):
+    """The catalog was upgraded by a newer backhaul than this one."""
+
+    code = "catalog_too_new"
+
+    def __init__(self, where: str, found: str, known: str) -> None:
+        super().__init__(f"the catalog {where} has schema revision {found}, newer than this "
+                         f"backhaul knows (up to {known}): upgrade backhaul")
+

@@ -62,7 +62,8 @@ def target_statuses(catalog: Catalog) -> list[TargetStatus]:
               .group_by(archives.c.target_id).subquery())
     newest_archive = archives.alias("newest_archive")
     kept = (sa.select(archives.c.target_id, sa.func.count().label("n"),
-                      sa.func.coalesce(sa.func.sum(archives.c.size), 0).label("bytes"))
+                      sa.cast(sa.func.coalesce(sa.func.sum(archives.c.size), 0),
+                              sa.BigInteger).label("bytes"))
             .where(archives.c.deleted_at.is_(None)).group_by(archives.c.target_id).subquery())
     last_run = runs.alias("last_run")
     q = (sa.select(targets.c.id, targets.c.node_id, nodes.c.user, nodes.c.host, nodes.c.port,

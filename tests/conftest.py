@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fixtures.postgres import PostgresCluster
 from fixtures.server import Backhauld
 from fixtures.sshd.launcher import SSHD
 from orchestrator.backup import BackupEngine, CatalogHostKeys
@@ -45,6 +46,22 @@ def own_node(tmp_path: Path, server_key: ServerKey) -> Iterator[SSHD]:
         yield sshd
 
 
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """One real PostgreSQL cluster for the session (started on first use)."""
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty catalog database on each engine: the contract suites run
+    on both. PostgreSQL: a new database in the session's cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    return request.getfixturevalue("pg").create_database()
+
+
 @dataclass
 class Engine:
     catalog: Catalog
@@ -64,9 +81,10 @@ class Engine:
         return sorted(self.store.root.rglob("*.tar.gz"))
 
 
-def make_engine(data: Path, key: ServerKey, *, io_timeout: float = 15.0) -> Engine:
+def make_engine(data: Path, key: ServerKey, *, io_timeout: float = 15.0,
+                catalog_url: str | None = None) -> Engine:
     data.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(data / "catalog.db")
+    catalog = Catalog(catalog_url or data / "catalog.db")
     store = ArchiveStore(data / "archives")
     pool = SSHPool(key, CatalogHostKeys(catalog), connect_timeout=5, io_timeout=io_timeout)
     return Engine(catalog, store, pool, BackupEngine(catalog, store, pool), data)

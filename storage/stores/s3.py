@@ -1,0 +1,339 @@
+"""The archive store on S3-compatible object storage (boto3).
+
+Same interface as the directory store (``storage.archives.ArchiveStore``):
+``writer() -> write()/commit(index)/abort()``, ``read_range``, ``load_index``,
+``delete``, ``files``, ``index_files``, ``sweep_temp_files``,
+``sweep_unlisted``. Keys: ``<prefix>/<node>/<target-id>/<stamp>-<run>.tar.gz``
+and the index beside it (same stem, ``.index``).
+
+- Writes stream as a multipart upload: one part (``part_size``, 8 MiB by
+  default) is buffered at a time, the sha256 is computed on the fly, and each
+  part's ETag is checked against its MD5. Nothing is visible until
+  ``commit()`` completes the upload, which the caller does only after the
+  stream passed its checks; any failure aborts it. The completed object's size
+  is checked before the facts are returned.
+- An upload left by a crash is invisible and is aborted by the start-up sweep
+  (``sweep_temp_files``), as the directory store removes its temp files.
+- Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, the shared credentials file):
+  never from a URL or a flag, so they appear neither in ``ps`` nor in logs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import re
+import urllib.parse
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+from storage.archives import ArchiveFacts
+from storage.errors import ArchiveWriteError, InvalidArchive, StorageError
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIX = ".tar.gz"
+INDEX_SUFFIX = ".index"
+MIN_PART = 5 * 2**20  # S3's smallest part (but the last)
+_KEY = re.compile(r"^[A-Za-z0-9._@-]+/[0-9]+/[A-Za-z0-9._-]+$")
+
+
+def index_name(file_name: str) -> str:
+    if not file_name.endswith(ARCHIVE_SUFFIX):
+        raise ValueError(f"{file_name!r} is not an archive name")
+    return file_name[:-len(ARCHIVE_SUFFIX)] + INDEX_SUFFIX
+
+
+def parse_store_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at its ends)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment \
+            or parts.username or parts.password:
+        raise ValueError(f"not an s3://BUCKET/PREFIX URL: {url!r}")
+    return parts.netloc, parts.path.strip("/")
+
+
+def _describe(exc: BaseException) -> str:
+    err = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    if err:
+        return f"{err.get('Code', 'error')}: {err.get('Message') or 'no message'}"
+    return " ".join(str(exc).split())[:300] or exc.__class__.__name__
+
+
+class S3ArchiveWriter:
+    """One archive's multipart upload; ``commit()`` completes it."""
+
+    def __init__(self, store: S3ArchiveStore, final_name: str,
+                 created_at: dt.datetime) -> None:
+        self._store = store
+        self.final_name = final_name
+        self.created_at = created_at
+        self._key = store.key(final_name)
+        self._hash = hashlib.sha256()
+        self._buf = bytearray()
+        self._parts: list[dict[str, Any]] = []
+        self.size = 0
+        self._done = False
+        try:
+            self._upload_id: str | None = store.client.create_multipart_upload(
+                Bucket=store.bucket, Key=self._key)["UploadId"]
+        except Exception as exc:  # noqa: BLE001 - botocore's errors, translated
+            raise ArchiveWriteError(f"cannot start the upload of {final_name}: "
+                                    f"{_describe(exc)}") from None
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._upload_id is not None and not self._done, "writer already closed"
+        self._hash.update(data)
+        self.size += len(data)
+        self._buf += data
+        while len(self._buf) >= self._store.part_size:
+            chunk = bytes(self._buf[:self._store.part_size])
+            del self._buf[:self._store.part_size]
+            self._send(chunk)
+
+    def _send(self, chunk: bytes) -> None:
+        number = len(self._parts) + 1
+        try:
+            etag = self._store.client.upload_part(
+                Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id,
+                PartNumber=number, Body=chunk)["ETag"]
+        except Exception as exc:  # noqa: BLE001
+            raise ArchiveWriteError(f"cannot upload part {number} of {self.final_name}: "
+                                    f"{_describe(exc)}") from None
+        if etag.strip('"') != hashlib.md5(chunk, usedforsecurity=False).hexdigest():
+            raise ArchiveWriteError(f"part {number} of {self.final_name} was stored with "
+                                    "other bytes (ETag differs from its MD5)")
+        self._parts.append({"PartNumber": number, "ETag": etag})
+
+    def commit(self, index: Any = None) -> ArchiveFacts:
+        """Complete the upload (the caller has verified the stream); with
+        ``index``, the index object is written first, like the directory store."""
+        assert self._upload_id is not None and not self._done, "writer already closed"
+        digest = self._hash.hexdigest()
+        if self._buf or not self._parts:
+            self._send(bytes(self._buf))
+            self._buf = bytearray()
+        if index is not None:
+            if getattr(index, "archive_sha256", None) not in (None, digest) or (
+                    getattr(index, "archive_size", None) and index.archive_size != self.size):
+                raise ArchiveWriteError(f"the index of {self.final_name} describes other bytes")
+            index.archive_sha256, index.archive_size = digest, self.size
+            self._store._write_index(self.final_name, index)
+        client, bucket = self._store.client, self._store.bucket
+        try:
+            client.complete_multipart_upload(Bucket=bucket, Key=self._key,
+                                             UploadId=self._upload_id,
+                                             MultipartUpload={"Parts": self._parts})
+            self._done = True
+            stored = client.head_object(Bucket=bucket, Key=self._key)["ContentLength"]
+        except Exception as exc:  # noqa: BLE001
+            if index is not None and not self._done:
+                self._store._delete_key(self._store.key(index_name(self.final_name)))
+            raise ArchiveWriteError(f"cannot commit {self.final_name}: {_describe(exc)}") \
+                from None
+        if stored != self.size:
+            self._store._delete_key(self._key)
+            raise ArchiveWriteError(f"{self.final_name} was stored with {stored} bytes, "
+                                    f"{self.size} were sent")
+        return ArchiveFacts(self.final_name, self.size, digest, self.created_at)
+
+    def abort(self) -> None:
+        if self._done or self._upload_id is None:
+            return
+        self._done = True
+        self._buf = bytearray()
+        try:
+            self._store.client.abort_multipart_upload(
+                Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id)
+        except Exception as exc:  # noqa: BLE001 - the start-up sweep gets it later
+            log.warning("could not abort the upload of %s (%s): the next start sweeps it",
+                        self.final_name, _describe(exc))
+
+    def __enter__(self) -> S3ArchiveWriter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.abort()
+
+
+class S3ArchiveStore:
+    """Archives as objects under ``s3://bucket/prefix``."""
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None,
+                 region: str | None = None, part_size: int = 8 * 2**20,
+                 client: Any = None) -> None:
+        """Raises ``StorageError`` in one line when the bucket is missing or
+        the credentials are refused."""
+        self.bucket, self.prefix = parse_store_url(url)
+        self.url = url
+        if part_size < MIN_PART:
+            raise ValueError(f"part_size must be >= {MIN_PART}")
+        self.part_size = part_size
+        if client is None:
+            import boto3
+            from botocore.config import Config
+            # A session of its own: boto3's default one keeps the credentials
+            # it resolved first, whatever the environment says later.
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None,
+                                  region_name=region or None,
+                                  config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                                                s3={"addressing_style": "path"}))
+        self.client = client
+        try:
+            # a listing, not HeadBucket: some servers answer HeadBucket
+            # without checking the signature
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1,
+                                        Prefix=f"{self.prefix}/" if self.prefix else "")
+        except Exception as exc:  # noqa: BLE001
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            where = endpoint_url or "the default S3 endpoint"
+            if code in ("404", "NoSuchBucket"):
+                raise StorageError(f"the bucket {self.bucket!r} does not exist at {where}") \
+                    from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(f"the bucket {self.bucket!r} at {where} refused the "
+                                   "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                                   "or the credentials file)") from None
+            raise StorageError(f"cannot reach the bucket {self.bucket!r} at {where}: "
+                               f"{_describe(exc)}") from None
+
+    def key(self, file_name: str) -> str:
+        if not _KEY.match(file_name) or any(p in (".", "..") for p in file_name.split("/")):
+            raise ArchiveWriteError(f"archive name {file_name!r} leaves the store")
+        return f"{self.prefix}/{file_name}" if self.prefix else file_name
+
+    def _name(self, key: str) -> str:
+        return key[len(self.prefix) + 1:] if self.prefix else key
+
+    def writer(self, node_dir: str, target_id: int, run_id: int,
+               created_at: dt.datetime) -> S3ArchiveWriter:
+        stamp = created_at.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        return S3ArchiveWriter(self, f"{node_dir}/{target_id}/{stamp}-{run_id}{ARCHIVE_SUFFIX}",
+                               created_at)
+
+    def _delete_key(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise ArchiveWriteError(f"cannot delete {self._name(key)}: {_describe(exc)}") \
+                from None
+
+    def delete(self, file_name: str) -> None:
+        """The archive, then its index (an index left alone by a crash in
+        between is swept at the next start)."""
+        self._delete_key(self.key(file_name))
+        if file_name.endswith(ARCHIVE_SUFFIX):
+            self._delete_key(self.key(index_name(file_name)))
+
+    def size_of(self, file_name: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket,
+                                               Key=self.key(file_name))["ContentLength"])
+        except Exception as exc:  # noqa: BLE001
+            raise ArchiveWriteError(f"cannot read {file_name}: {_describe(exc)}") from None
+
+    def read_range(self, file_name: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of a stored object from ``offset`` (fewer at its end)."""
+        if length <= 0:
+            return b""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(file_name),
+                                          Range=f"bytes={offset}-{offset + length - 1}")["Body"]
+            return body.read()
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") \
+                    == "InvalidRange":
+                return b""  # offset at or past the end, as pread
+            raise ArchiveWriteError(f"cannot read {file_name}: {_describe(exc)}") from None
+
+    def iter_bytes(self, file_name: str, chunk: int = 2**20) -> Iterator[bytes]:
+        """The whole object as a stream (downloads), never whole in memory."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(file_name))["Body"]
+        except Exception as exc:  # noqa: BLE001
+            raise ArchiveWriteError(f"cannot read {file_name}: {_describe(exc)}") from None
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()
+
+    def _write_index(self, file_name: str, index: Any) -> None:
+        buf = io.BytesIO()
+        index.dump(buf)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(index_name(file_name)),
+                                   Body=buf.getvalue())
+        except Exception as exc:  # noqa: BLE001
+            raise ArchiveWriteError(f"cannot write the index of {file_name}: "
+                                    f"{_describe(exc)}") from None
+
+    def load_index(self, file_name: str) -> Any:
+        """The archive's index; a missing or damaged one (or one describing
+        other bytes) is rebuilt from the archive by ranged reads and stored."""
+        from storage.tgz.index import ArchiveIndex, InvalidIndex
+        from storage.tgz.reader import rebuild_index
+
+        size = self.size_of(file_name)
+        try:
+            got = self.client.get_object(Bucket=self.bucket,
+                                         Key=self.key(index_name(file_name)))
+            index = ArchiveIndex.load(io.BytesIO(got["Body"].read()))
+            if index.archive_size == size:
+                return index
+            reason = "it describes an archive of another size"
+        except InvalidIndex as exc:
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - missing or unreadable
+            reason = _describe(exc)
+        log.warning("rebuilding the index of %s: %s", file_name, reason)
+        try:
+            index = rebuild_index(lambda off, n: self.read_range(file_name, off, n), size)
+        except InvalidArchive as exc:
+            raise StorageError(f"archive {file_name} is damaged: {exc.message}") from None
+        self._write_index(file_name, index)
+        return index
+
+    def _keys(self) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
+
+    def files(self) -> set[str]:
+        """Every committed archive object, by name relative to the prefix."""
+        return {self._name(k) for k in self._keys() if k.endswith(ARCHIVE_SUFFIX)}
+
+    def index_files(self) -> set[str]:
+        return {self._name(k) for k in self._keys() if k.endswith(INDEX_SUFFIX)}
+
+    def sweep_temp_files(self) -> list[str]:
+        """Abort the multipart uploads under the prefix left by a crash (the
+        object store's temp files). Call only when no writer is open."""
+        aborted = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+        for page in pages:
+            for up in page.get("Uploads", []) or []:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
+                                                   UploadId=up["UploadId"])
+                aborted.append(self._name(up["Key"]))
+        return aborted
+
+    def sweep_unlisted(self, listed: set[str]) -> list[str]:
+        """Delete archive objects the catalog does not list as retained (a
+        crash between completing the upload and the catalog commit), then
+        index objects without their archive."""
+        stray = sorted(self.files() - listed)
+        for name in stray:
+            self.delete(name)
+        kept = {index_name(n) for n in self.files()}
+        orphans = sorted(self.index_files() - kept)
+        for name in orphans:
+            self._delete_key(self.key(name))
+        return stray + orphans
