@@ -500,11 +500,16 @@ class DeltaRun:
         whose hash differs from the node's, and the composer's stats."""
         composer = Composer(out, self.prev, level=level)
         vanished = []
+        run: list[Entry] = []  # consecutive unchanged entries: copied as whole members
         for it in self.plan.items:
             if it.kind == "copy":
                 assert it.old is not None
-                composer.copy(it.old)
-            elif it.kind == "fetch":
+                run.append(it.old)
+                continue
+            if run:
+                composer.copy_run(run)
+                run = []
+            if it.kind == "fetch":
                 fe = self.fetched.get(it.apath)
                 if fe is None:
                     vanished.append(it.apath)
@@ -524,6 +529,8 @@ class DeltaRun:
                     composer.copy(it.old, header)  # touched only: same blocks, same bytes
                 else:
                     composer.patch(it.old, header, it.rec.size, self._pieces(it))
+        if run:
+            composer.copy_run(run)
         index = composer.finish(self.plan.records)
         bad = []
         for it in self.plan.items:

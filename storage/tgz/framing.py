@@ -161,6 +161,15 @@ class Framer:
         if is_boundary(entry.path):
             self.flush_group()
 
+    def add_member(self, entries: list[Entry], key: str, r_len: int,
+                   sources: list[RawSource]) -> None:
+        """Whole small entries (placed already) that make up one member of
+        their own, e.g. a previous archive's member copied as a unit."""
+        self.flush_group()
+        self.entries.extend(entries)
+        self.pos += r_len
+        self.emit(key, r_len, sources)
+
     def flush_group(self) -> None:
         if not self._group:
             return
