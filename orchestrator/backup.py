@@ -428,7 +428,8 @@ class BackupEngine:
         re-framed into member-aligned gzip as it arrives."""
         verifier = TarGzVerifier(root, self.limits.archive)
         with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
-            framer = FramingWriter(self._capped(writer), level=self.level)
+            # The archive writer hashes the archive as it writes: once is enough.
+            framer = FramingWriter(self._capped(writer), level=self.level, hash_archive=False)
 
             def raw_out(raw: bytes) -> None:
                 verifier.feed_raw(raw)

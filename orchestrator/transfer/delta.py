@@ -498,7 +498,8 @@ class DeltaRun:
                 level: int | None) -> tuple[ArchiveIndex, list[Item], dict[str, int]]:
         """Writes the new archive; returns its index, the reassembled files
         whose hash differs from the node's, and the composer's stats."""
-        composer = Composer(out, self.prev, level=level)
+        # The archive writer hashes the archive as it writes: once is enough.
+        composer = Composer(out, self.prev, level=level, hash_archive=False)
         vanished = []
         run: list[Entry] = []  # consecutive unchanged entries: copied as whole members
         for it in self.plan.items:

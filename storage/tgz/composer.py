@@ -45,9 +45,9 @@ class Composer:
     def __init__(self, out: Callable[[bytes], None], prev: ArchiveReader | None, *,
                  level: int | None = None, backend: str | None = None,
                  block_size: Callable[[int], int] = block_size_for,
-                 verify_copies: bool = False) -> None:
+                 verify_copies: bool = False, hash_archive: bool = True) -> None:
         self.prev = prev
-        self._f = Framer(out, level, prev, backend, verify_copies)
+        self._f = Framer(out, level, prev, backend, verify_copies, hash_archive)
         self._stream = EntryStream(self._f, block_size)
         self._last: tuple[bytes, ...] | None = None
         self._finished = False
