@@ -265,9 +265,13 @@ class BackupEngine:
         address = str(conn.node)
         node = _Node(self, conn, target.path, wire, deadline)
         since = None if full else target.last_node_time
+        # A backup that is certainly a full one (if the tree changed) asks the
+        # scan for the whole listing: one exec less than scan, listing, tar.
+        want_all = full or since is None or not target.last_fingerprint or not self.delta
         scan, section = node.reply(remote.scan_command(target.path), what="fingerprint",
-                                   stdin=_since_line(since)
-                                   + (target.last_fingerprint or "").encode() + b"\n",
+                                   stdin=(b"all\n" if want_all else _since_line(since))
+                                   + ("" if full else target.last_fingerprint or "").encode()
+                                   + b"\n",
                                    head_lines=2)
         parsed = remote.parse_scan(scan.stdout)
         if parsed is None:
@@ -301,6 +305,12 @@ class BackupEngine:
                 return self._commit(target, run_id, facts, fingerprint, wire, warnings,
                                     "delta", node_time)
         log.info("target %s: full backup (%s)", target.id, why_full)
+        if records is None and want_all and isinstance(section, bytes) and section:
+            try:
+                records = parse_listing(section)
+            except InvalidArchive as exc:
+                log.warning("target %s: unusable listing in the scan (%s); fetching it "
+                            "again", target.id, exc.message)
         if records is None:
             records = self._listing(node, target)
         facts, warnings = self._full(node, target, run_id, root, records, node_dir,

@@ -221,7 +221,9 @@ def scan_command(path: str) -> str:
     differs from the one given) one gzip section of what changed.
 
     stdin: two lines, the time (seconds since the epoch, decimal) from which
-    changes are wanted or an empty line, and the fingerprint the server holds.
+    changes are wanted, ``all`` (a full backup follows: the section is then
+    the whole sorted listing, as ``listing_command`` prints it, saving that
+    exec) or an empty line, and the fingerprint the server holds.
     The node time is taken before find runs, so the next scan from it cannot
     miss a change made during this one. The gzip section holds ``C<record>``
     for each entry whose ctime is newer, and for each such directory
@@ -242,8 +244,8 @@ def scan_command(path: str) -> str:
     return (
         "LC_ALL=C; export LC_ALL; "
         + _precheck(path)
-        + "IFS= read -r t || :; IFS= read -r prev || :; "
-        + "case \"$t\" in *[!0-9.]*) t=;; esac; "
+        + "all=; IFS= read -r t || :; IFS= read -r prev || :; "
+        + "case \"$t\" in all) t=; all=1;; *[!0-9.]*) t=;; esac; "
         + "date +%s.%N; "
         # find's status comes out first on fd 3, then the digest
         + f"out=$( {{ {{ find {q} -ignore_readdir_race ! -type s -printf {fmt}; "
@@ -252,6 +254,8 @@ def scan_command(path: str) -> str:
         + '[ "$1" = 0 ] || exit "$1"; echo "$2  -"; '
         + 'if [ -n "$t" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
         + _carry(changed, "gzip -1")
+        + 'elif [ -n "$all" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
+        + _carry(f"find {q} -ignore_readdir_race ! -type s -printf {fmt}", "sort -z | gzip -1")
         + "fi; exit 0"
     )
 
