@@ -33,7 +33,7 @@ from typing import Protocol
 from orchestrator import remote
 from orchestrator.errors import RemoteCommandFailed
 from orchestrator.ssh import ExecResult
-from orchestrator.transfer.listing import TAR_TYPE, Record, parse_record
+from orchestrator.transfer.listing import TAR_TYPE, Record, parse_record_cached
 from orchestrator.transfer.stream import Inflater, Spool
 from storage.errors import InvalidArchive
 from storage.tgz import (
@@ -129,7 +129,7 @@ class DeltaPlan:
 
     def __init__(self, root: str, records: dict[bytes, bytes], prev: ArchiveIndex) -> None:
         self.root = root
-        recs = [parse_record(raw) for raw in records.values()]
+        recs = [parse_record_cached(raw) for raw in records.values()]
         # tar leaves sockets out; so does the archive.
         recs = [r for r in recs if r.type != "s"]
         inodes = Counter(r.inode for r in recs if r.type == "f")
