@@ -306,7 +306,10 @@ def has_python_command() -> str:
 # checks the result) | L name - hashes (16 hex per chunk of the old content,
 # remote.CDC_SOURCE): ``ok\n`` (``R <old chunk>\n`` | ``D <n>\n`` data)* ``E <sha>\n``.
 # stdin may be gzip'd. B: ``ok\n`` (``K <i> <n>\n``
-# data)* ``E <sha>\n``. The whole-file sha256 is taken in the same pass.
+# data)* ``E <sha>\n``. X name block_size old-hashes (16 hex per block): the
+# blocks whose hash differs from the old one (or that lie past the old end),
+# in one pass and one exec, ``ok\n`` (``K <i> <n>\n`` data)* ``E <size> <sha>\n``.
+# The whole-file sha256 is taken in the same pass.
 # Content-defined chunks of a file, the same on the node and the server (both
 # run this text): a chunk ends after a line whose crc32 ends in four zero
 # bits, or once it holds 8 KiB, so an inserted line moves no other boundary.
@@ -374,6 +377,18 @@ for k in range(0, len(d) - 3, 4):
                 else:
                     w(b"R %d\\n" % i)
             w(b"E %s\\n" % hashlib.sha256(data).hexdigest().encode())
+        elif op == b"X":
+            bs = int(a); x = hashlib.sha256(); i = 0; z = 0
+            w(b"ok\\n")
+            while True:
+                c = f.read(bs)
+                if not c:
+                    break
+                x.update(c); z += len(c)
+                if b[i * 16:i * 16 + 16] != hashlib.sha256(c).hexdigest()[:16].encode():
+                    w(b"K %d %d\\n" % (i, len(c))); w(c)
+                i += 1
+            w(b"E %d %s\\n" % (z, x.hexdigest().encode()))
         elif op == b"B":
             bs = int(a); want = set(int(v) for v in b.split(b",") if v)
             x = hashlib.sha256(); i = 0

@@ -99,16 +99,20 @@ PAYLOADS: dict[str, dict[str, bytes]] = {
     "tail-shorter-than-announced": {
         "py.1": gzip.compress(b"ok\nD 5000\n" + b"x" * 100 + b"E " + SHA + b"\n")},
     "tail-malformed": {"py.1": gzip.compress(b"ok\nQ what\n")},
-    "block-list-disagrees-with-size": {
+    "block-list-malformed": {
         "py.1": gzip.compress(b"ok 2000000 3\n" + b"ab" * 24)},
     "chunk-reference-out-of-range": {
         "py.1": gzip.compress(b"ok\nR 99999\nE " + SHA + b"\n")},
     "chunk-shorter-than-announced": {
         "py.1": gzip.compress(b"ok\nD 500\nabcE " + SHA + b"\n")},
     "block-beyond-eof": {
-        "py.2": gzip.compress(b"ok\nK 99999 10\n" + b"y" * 10 + b"E " + SHA + b"\n")},
-    "block-not-asked-for": {
-        "py.2": gzip.compress(b"ok\nK 0 10\n" + b"y" * 10 + b"E " + SHA + b"\n")},
+        "py.1": gzip.compress(b"ok\nK 99999 10\n" + b"y" * 10 + b"E 2000000 " + SHA + b"\n")},
+    "block-out-of-order": {
+        "py.1": gzip.compress(b"ok\nK 3 10\n" + b"y" * 10 + b"K 1 10\n" + b"y" * 10
+                              + b"E 2000000 " + SHA + b"\n")},
+    "block-oversized": {
+        "py.1": gzip.compress(b"ok\nK 0 9999999\n" + b"y" * 9999999 + b"E 2000000 " + SHA
+                              + b"\n")},
 }
 
 
