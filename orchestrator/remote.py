@@ -237,25 +237,28 @@ def scan_command(path: str) -> str:
     path = validate_path(path)
     q = shlex.quote(path)
     fmt = shlex.quote(FIND_FORMAT)
+    # The format once, in $P (it holds no character special in "..."):
+    # the command is sent with every check, so it is kept short.
+    assert not set(FIND_FORMAT) & set('"$`')
     changed = (f"find {q} -ignore_readdir_race -newerct \"@$t\" ! -type s \\( "
-               f"-printf {shlex.quote('C' + FIND_FORMAT)} , -type d -printf 'D%P\\0' "
-               f"-exec find {{}} -ignore_readdir_race -mindepth 1 -maxdepth 1 ! -type s "
-               f"-printf {shlex.quote('c' + FIND_FORMAT)} \\; \\)")
+               "-printf \"C$P\" , -type d -printf 'D%P\\0' "
+               "-exec find {} -ignore_readdir_race -mindepth 1 -maxdepth 1 ! -type s "
+               "-printf \"c$P\" \\; \\)")
     return (
         "LC_ALL=C; export LC_ALL; "
         + _precheck(path)
-        + "all=; IFS= read -r t || :; IFS= read -r prev || :; "
-        + "case \"$t\" in all) t=; all=1;; *[!0-9.]*) t=;; esac; "
+        + "IFS= read -r t || :; IFS= read -r prev || :; "
+        + "case \"$t\" in all) ;; *[!0-9.]*) t=;; esac; "
         + "date +%s.%N; "
+        # F: the listing, for the digest and for a full backup's section (a
+        # function, so the command, sent with every check, stays short)
+        + f"P={fmt}; F() {{ find {q} -ignore_readdir_race ! -type s -printf \"$P\"; }}; "
         # find's status comes out first on fd 3, then the digest
-        + f"out=$( {{ {{ find {q} -ignore_readdir_race ! -type s -printf {fmt}; "
-        + "echo $? >&3; } "
-        + "| sort -z | sha256sum; } 3>&1 ); set -- $out; "
+        + "out=$( { { F; echo $? >&3; } | sort -z | sha256sum; } 3>&1 ); set -- $out; "
         + '[ "$1" = 0 ] || exit "$1"; echo "$2  -"; '
-        + 'if [ -n "$t" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
-        + _carry(changed, "gzip -1")
-        + 'elif [ -n "$all" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
-        + _carry(f"find {q} -ignore_readdir_race ! -type s -printf {fmt}", "sort -z | gzip -1")
+        + '[ "$2" = "$prev" ] && exit 0; exec 4>&1; '
+        + 'if [ "$t" = all ]; then ' + _carry("F", "sort -z | gzip -1")
+        + 'elif [ -n "$t" ]; then ' + _carry(changed, "gzip -1")
         + "fi; exit 0"
     )
 
