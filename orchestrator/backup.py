@@ -276,9 +276,13 @@ class BackupEngine:
         address = str(conn.node)
         node = _Node(self, conn, target.path, wire, deadline)
         since = None if full else target.last_node_time
+        # A backup that is certainly a full one (if the tree changed) asks the
+        # scan for the whole listing: one exec less than scan, listing, tar.
+        want_all = full or since is None or not target.last_fingerprint or not self.delta
         scan, section = node.reply(remote.scan_command(target.path), what="fingerprint",
-                                   stdin=_since_line(since)
-                                   + (target.last_fingerprint or "").encode() + b"\n",
+                                   stdin=(b"all\n" if want_all else _since_line(since))
+                                   + ("" if full else target.last_fingerprint or "").encode()
+                                   + b"\n",
                                    head_lines=2)
         parsed = remote.parse_scan(scan.stdout)
         if parsed is None:
@@ -312,6 +316,12 @@ class BackupEngine:
                 return self._commit(target, run_id, facts, fingerprint, wire, warnings,
                                     "delta", node_time)
         log.info("target %s: full backup (%s)", target.id, why_full)
+        if records is None and want_all and isinstance(section, bytes) and section:
+            try:
+                records = parse_listing(section)
+            except InvalidArchive as exc:
+                log.warning("target %s: unusable listing in the scan (%s); fetching it "
+                            "again", target.id, exc.message)
         if records is None:
             records = self._listing(node, target)
         facts, warnings = self._full(node, target, run_id, root, records, node_dir,
@@ -439,7 +449,8 @@ class BackupEngine:
         re-framed into member-aligned gzip as it arrives."""
         verifier = TarGzVerifier(root, self.limits.archive)
         with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
-            framer = FramingWriter(self._capped(writer), level=self.level)
+            # The archive writer hashes the archive as it writes: once is enough.
+            framer = FramingWriter(self._capped(writer), level=self.level, hash_archive=False)
 
             def raw_out(raw: bytes) -> None:
                 verifier.feed_raw(raw)

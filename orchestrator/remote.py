@@ -221,7 +221,9 @@ def scan_command(path: str) -> str:
     differs from the one given) one gzip section of what changed.
 
     stdin: two lines, the time (seconds since the epoch, decimal) from which
-    changes are wanted or an empty line, and the fingerprint the server holds.
+    changes are wanted, ``all`` (a full backup follows: the section is then
+    the whole sorted listing, as ``listing_command`` prints it, saving that
+    exec) or an empty line, and the fingerprint the server holds.
     The node time is taken before find runs, so the next scan from it cannot
     miss a change made during this one. The gzip section holds ``C<record>``
     for each entry whose ctime is newer, and for each such directory
@@ -235,23 +237,28 @@ def scan_command(path: str) -> str:
     path = validate_path(path)
     q = shlex.quote(path)
     fmt = shlex.quote(FIND_FORMAT)
+    # The format once, in $P (it holds no character special in "..."):
+    # the command is sent with every check, so it is kept short.
+    assert not set(FIND_FORMAT) & set('"$`')
     changed = (f"find {q} -ignore_readdir_race -newerct \"@$t\" ! -type s \\( "
-               f"-printf {shlex.quote('C' + FIND_FORMAT)} , -type d -printf 'D%P\\0' "
-               f"-exec find {{}} -ignore_readdir_race -mindepth 1 -maxdepth 1 ! -type s "
-               f"-printf {shlex.quote('c' + FIND_FORMAT)} \\; \\)")
+               "-printf \"C$P\" , -type d -printf 'D%P\\0' "
+               "-exec find {} -ignore_readdir_race -mindepth 1 -maxdepth 1 ! -type s "
+               "-printf \"c$P\" \\; \\)")
     return (
         "LC_ALL=C; export LC_ALL; "
         + _precheck(path)
         + "IFS= read -r t || :; IFS= read -r prev || :; "
-        + "case \"$t\" in *[!0-9.]*) t=;; esac; "
+        + "case \"$t\" in all) ;; *[!0-9.]*) t=;; esac; "
         + "date +%s.%N; "
+        # F: the listing, for the digest and for a full backup's section (a
+        # function, so the command, sent with every check, stays short)
+        + f"P={fmt}; F() {{ find {q} -ignore_readdir_race ! -type s -printf \"$P\"; }}; "
         # find's status comes out first on fd 3, then the digest
-        + f"out=$( {{ {{ find {q} -ignore_readdir_race ! -type s -printf {fmt}; "
-        + "echo $? >&3; } "
-        + "| sort -z | sha256sum; } 3>&1 ); set -- $out; "
+        + "out=$( { { F; echo $? >&3; } | sort -z | sha256sum; } 3>&1 ); set -- $out; "
         + '[ "$1" = 0 ] || exit "$1"; echo "$2  -"; '
-        + 'if [ -n "$t" ] && [ "$2" != "$prev" ]; then exec 4>&1; '
-        + _carry(changed, "gzip -1")
+        + '[ "$2" = "$prev" ] && exit 0; exec 4>&1; '
+        + 'if [ "$t" = all ]; then ' + _carry("F", "sort -z | gzip -1")
+        + 'elif [ -n "$t" ]; then ' + _carry(changed, "gzip -1")
         + "fi; exit 0"
     )
 
@@ -302,7 +309,10 @@ def has_python_command() -> str:
 # checks the result) | L name - hashes (16 hex per chunk of the old content,
 # remote.CDC_SOURCE): ``ok\n`` (``R <old chunk>\n`` | ``D <n>\n`` data)* ``E <sha>\n``.
 # stdin may be gzip'd. B: ``ok\n`` (``K <i> <n>\n``
-# data)* ``E <sha>\n``. The whole-file sha256 is taken in the same pass.
+# data)* ``E <sha>\n``. X name block_size old-hashes (16 hex per block): the
+# blocks whose hash differs from the old one (or that lie past the old end),
+# in one pass and one exec, ``ok\n`` (``K <i> <n>\n`` data)* ``E <size> <sha>\n``.
+# The whole-file sha256 is taken in the same pass.
 # Content-defined chunks of a file, the same on the node and the server (both
 # run this text): a chunk ends after a line whose crc32 ends in four zero
 # bits, or once it holds 8 KiB, so an inserted line moves no other boundary.
@@ -370,6 +380,18 @@ for k in range(0, len(d) - 3, 4):
                 else:
                     w(b"R %d\\n" % i)
             w(b"E %s\\n" % hashlib.sha256(data).hexdigest().encode())
+        elif op == b"X":
+            bs = int(a); x = hashlib.sha256(); i = 0; z = 0
+            w(b"ok\\n")
+            while True:
+                c = f.read(bs)
+                if not c:
+                    break
+                x.update(c); z += len(c)
+                if b[i * 16:i * 16 + 16] != hashlib.sha256(c).hexdigest()[:16].encode():
+                    w(b"K %d %d\\n" % (i, len(c))); w(c)
+                i += 1
+            w(b"E %d %s\\n" % (z, x.hexdigest().encode()))
         elif op == b"B":
             bs = int(a); want = set(int(v) for v in b.split(b",") if v)
             x = hashlib.sha256(); i = 0

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,26 @@ class ArchiveFacts:
     size: int
     sha256: str
     created_at: dt.datetime
+
+
+class _Fsync(threading.Thread):
+    """fsync of one file descriptor in a thread (fsync releases the GIL)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="archive-fsync", daemon=True)
+        self._fd = fd
+        self.error: OSError | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class ArchiveWriter:
@@ -94,15 +115,23 @@ class ArchiveWriter:
         """Makes the archive durable and visible; with ``index``, its index
         first (the index learns the archive's sha256 and size here)."""
         assert self._fd is not None, "writer already closed"
-        if index is not None:
-            digest = self._hash.hexdigest()
-            if index.archive_sha256 not in (None, digest) or (
-                    index.archive_size and index.archive_size != self.size):
-                raise ArchiveWriteError(f"the index of {self.final_name} describes other bytes")
-            index.archive_sha256, index.archive_size = digest, self.size
-            self._store._write_index(self.final_name, index)
+        # The archive's fsync (tens of MB to flush) runs while the index is
+        # written: both must be durable before the archive's rename, which
+        # stays last, so an archive is still never visible without its index.
+        synced = _Fsync(self._fd)
         try:
-            os.fsync(self._fd)
+            if index is not None:
+                digest = self._hash.hexdigest()
+                if index.archive_sha256 not in (None, digest) or (
+                        index.archive_size and index.archive_size != self.size):
+                    raise ArchiveWriteError(f"the index of {self.final_name} describes "
+                                            "other bytes")
+                index.archive_sha256, index.archive_size = digest, self.size
+                self._store._write_index(self.final_name, index)
+        finally:
+            synced.join()
+        try:
+            synced.check()
             os.close(self._fd)
             self._fd = None
             os.rename(self._tmp, self._final)

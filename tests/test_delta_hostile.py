@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 # answered from payload files when present (py.N: the Nth python3 batch).
 WRAPPER = """#!/bin/sh
 d={dir}
+printf '%s' "$SSH_ORIGINAL_COMMAND" | sha256sum >> $d/commands
 case "$SSH_ORIGINAL_COMMAND" in
   *"-T -"*) if [ -f $d/fetch ]; then cat >/dev/null; cat $d/fetch; exit 0; fi ;;
   *"import sys"*)
@@ -98,16 +99,20 @@ PAYLOADS: dict[str, dict[str, bytes]] = {
     "tail-shorter-than-announced": {
         "py.1": gzip.compress(b"ok\nD 5000\n" + b"x" * 100 + b"E " + SHA + b"\n")},
     "tail-malformed": {"py.1": gzip.compress(b"ok\nQ what\n")},
-    "block-list-disagrees-with-size": {
+    "block-list-malformed": {
         "py.1": gzip.compress(b"ok 2000000 3\n" + b"ab" * 24)},
     "chunk-reference-out-of-range": {
         "py.1": gzip.compress(b"ok\nR 99999\nE " + SHA + b"\n")},
     "chunk-shorter-than-announced": {
         "py.1": gzip.compress(b"ok\nD 500\nabcE " + SHA + b"\n")},
     "block-beyond-eof": {
-        "py.2": gzip.compress(b"ok\nK 99999 10\n" + b"y" * 10 + b"E " + SHA + b"\n")},
-    "block-not-asked-for": {
-        "py.2": gzip.compress(b"ok\nK 0 10\n" + b"y" * 10 + b"E " + SHA + b"\n")},
+        "py.1": gzip.compress(b"ok\nK 99999 10\n" + b"y" * 10 + b"E 2000000 " + SHA + b"\n")},
+    "block-out-of-order": {
+        "py.1": gzip.compress(b"ok\nK 3 10\n" + b"y" * 10 + b"K 1 10\n" + b"y" * 10
+                              + b"E 2000000 " + SHA + b"\n")},
+    "block-oversized": {
+        "py.1": gzip.compress(b"ok\nK 0 9999999\n" + b"y" * 9999999 + b"E 2000000 " + SHA
+                              + b"\n")},
 }
 
 
@@ -170,3 +175,29 @@ def test_a_tail_whose_hash_disagrees_is_fetched_whole(heng: Engine, wnode: SSHD,
     assert (res.status, res.transfer) == ("success", "delta"), res.message
     assert res.bytes_transferred > 200_000  # the whole log came again
     check_archive(newest_archive(heng, target.id), src, tmp_path / "x", tree_state(src))
+
+
+def test_a_full_backup_takes_its_listing_from_the_scan(heng: Engine, wnode: SSHD,
+                                                       tmp_path: Path) -> None:
+    """A first backup and a forced full one get the whole listing in the
+    scan's reply: no separate listing exec, and the next run is a delta all
+    the same (the records are in the index)."""
+    import hashlib
+
+    from orchestrator import remote
+
+    src = tmp_path / "app"
+    _tree(src)
+    target = heng.register(wnode, src)
+    log = wnode.payloads / "commands"  # type: ignore[attr-defined]
+    listing = hashlib.sha256(remote.listing_command(str(src)).encode()).hexdigest()
+    scan = hashlib.sha256(remote.scan_command(str(src)).encode()).hexdigest()
+    for full in (False, True):
+        log.unlink(missing_ok=True)
+        res = heng.engine.run(target.id, full=full)
+        assert (res.status, res.transfer) == ("success", "full"), res.message
+        ran = [line.split()[0] for line in log.read_text().splitlines()]
+        assert scan in ran and listing not in ran
+    _mutate(src, "fetch")
+    res = heng.engine.run(target.id)
+    assert (res.status, res.transfer) == ("success", "delta"), res.message

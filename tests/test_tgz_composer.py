@@ -271,3 +271,52 @@ def test_a_recompressed_group_inflates_each_old_member_once(v1) -> None:
     assert reads and set(reads) <= copied_offsets
     # Each old member is read once: copied, or inflated once for its group.
     assert sorted(reads) == sorted(set(reads))
+
+
+def test_copy_run_copies_whole_members_and_matches_per_entry_copies(v1, tmp_path: Path) -> None:
+    root, raw, archive, index = v1
+    singles = []
+
+    class Counting(Composer):
+        def copy(self, old, header=None):
+            singles.append(old.path)
+            return super().copy(old, header)
+
+    out = io.BytesIO()
+    comp = Counting(out.write, reader_of(archive, index))
+    entries = comp.copy_run(list(index.entries))
+    new_index = comp.finish()
+    # Only large files (header member + chunk members) go entry by entry.
+    assert singles == [e.path for e in index.entries if e.is_large]
+    assert out.getvalue() == archive
+    assert comp.stats()["members_compressed"] == 0
+    assert new_index.members == index.members
+    assert [(e.path, e.h_off, e.d_off, e.sha256) for e in entries] == \
+        [(e.path, e.h_off, e.d_off, e.sha256) for e in index.entries]
+
+
+def test_copy_run_around_a_new_file(v1, tmp_path: Path) -> None:
+    """Runs of unchanged entries on both sides of an added one: the pending
+    group is closed where a previous member starts, so every later member is
+    copied whole and the archive is still exact."""
+    root, raw, archive, index = v1
+    (root / "many" / "f0250-new.txt").write_bytes(b"a new file\n" * 50)
+    new_raw = tar_raw(root)
+    out = io.BytesIO()
+    comp = Composer(out.write, reader_of(archive, index))
+    run = []
+    for path, header, data in tar_entries(new_raw):
+        old = index.by_path(path)
+        if old is not None and old.header_sha256 == hashlib.sha256(header).digest() and (
+                not old.has_data or old.sha256 == hashlib.sha256(data).digest()):
+            run.append(old)
+            continue
+        if run:
+            comp.copy_run(run)
+            run = []
+        comp.add(header, [data])
+    comp.copy_run(run)
+    new_index = comp.finish()
+    _check(out.getvalue(), new_index, new_raw, root, tmp_path)
+    assert comp.members_compressed <= 4
+    assert comp.members_copied >= len(index.members) - 4

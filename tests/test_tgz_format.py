@@ -24,7 +24,7 @@ from storage.tgz import (
     parse_header,
     rebuild_index,
 )
-from storage.tgz.format import eof_key, group_key, is_boundary
+from storage.tgz.format import Entry, eof_key, group_key, is_boundary
 from tests.tgz_trees import (
     bsdtar_available,
     extract_with,
@@ -293,3 +293,30 @@ def test_each_deflate_binding_writes_standard_members(framed) -> None:
         other = w.finish()
         assert gunzip(out.getvalue()) == raw
         assert [m.key for m in other.members] == [m.key for m in index.members]
+
+
+def test_index_lines_are_json_of_each_entry(framed) -> None:
+    """The index writer formats entry lines itself: they must be the very
+    bytes json.dumps writes, for odd names, float mtimes and missing hashes,
+    and an index written line by line with json.dumps (as before) loads."""
+    import gzip as _gzip
+
+    from storage.tgz.index import _entry_json, _entry_line, _line
+
+    _, _, _, index = framed
+    odd = Entry(path='root/\udcff é "q" $(x);\n\t\\', type="2", mode=0o777, uid=0, gid=7,
+                uname="ü", gname="", size=0, mtime=1.25, link="../\x7f", h_off=0, d_off=512,
+                sha256=None, record=b"\0\xff", header_sha256=b"\1" * 32)
+    for e in [*index.entries, odd]:
+        assert _entry_line(e) == _line(_entry_json(e))
+    data = index.dumps()
+    lines = _gzip.decompress(data).split(b"\n")
+    slow = b"".join([lines[0] + b"\n"]
+                    + [_line({"m": [m.c_off, m.c_len, m.r_off, m.r_len, m.key]})
+                       for m in index.members]
+                    + [_line(_entry_json(e)) for e in index.entries])
+    assert _gzip.decompress(data) == slow
+    back = ArchiveIndex.loads(_gzip.compress(slow, 6))
+    assert back.entries == index.entries and back.members == index.members
+    with pytest.raises(InvalidIndex):  # two objects on one line
+        ArchiveIndex.loads(_gzip.compress(slow.replace(b"}\n{", b"},{", 1), 6))

@@ -33,7 +33,7 @@ from typing import Protocol
 from orchestrator import remote
 from orchestrator.errors import RemoteCommandFailed
 from orchestrator.ssh import ExecResult
-from orchestrator.transfer.listing import TAR_TYPE, Record, parse_record
+from orchestrator.transfer.listing import TAR_TYPE, Record, parse_record_cached
 from orchestrator.transfer.stream import Inflater, Spool
 from storage.errors import InvalidArchive
 from storage.tgz import (
@@ -129,7 +129,7 @@ class DeltaPlan:
 
     def __init__(self, root: str, records: dict[bytes, bytes], prev: ArchiveIndex) -> None:
         self.root = root
-        recs = [parse_record(raw) for raw in records.values()]
+        recs = [parse_record_cached(raw) for raw in records.values()]
         # tar leaves sockets out; so does the archive.
         recs = [r for r in recs if r.type != "s"]
         inodes = Counter(r.inode for r in recs if r.type == "f")
@@ -217,7 +217,10 @@ class DeltaRun:
                 self._sh_tail(it)
             for it in blocks:
                 self._sh_hashes(it)
-        blocks = [it for it in blocks if it.kind == "blocks" and it.want]
+        if self.node.python:
+            blocks = []  # the X requests of round 1 brought the changed blocks
+        else:
+            blocks = [it for it in blocks if it.kind == "blocks" and it.want]
         if self.node.python:
             # A grown file whose prefix changed may still share most chunks.
             for it in tails:
@@ -244,15 +247,59 @@ class DeltaRun:
             assert it.old is not None and it.old.sha256 is not None
             req += b"T\0%s\0%d\0%s\0" % (self._name(it), it.old.size,
                                            it.old.sha256.hex().encode())
+        n = HASH_HEX // 2
         for it in blocks:
-            req += b"H\0%s\0%d\0\0" % (self._name(it), it.bs)
+            # The old block hashes go to the node, which sends the blocks that
+            # differ: one exec and one pass over the file (it was hashes back,
+            # then a second exec and pass for the blocks).
+            assert it.old is not None
+            req += b"X\0%s\0%d\0%s\0" % (self._name(it), it.bs,
+                                           b"".join(h[:n] for h in it.old.block_hashes)
+                                           .hex().encode())
         cur = _Cursor(self.spool, self._run_spooled(remote.py_refine_command(self.node.path),
-                                                    bytes(req), "tail/block hashes"))
+                                                    gzip.compress(bytes(req), 1),
+                                                    "tails and changed blocks"))
         for it in tails:
             self._tail_reply(it, cur, framed=True)
         for it in blocks:
-            self._hashes_reply(it, cur, framed=True)
+            self._xblocks_reply(it, cur)
         cur.expect_end()
+
+    def _xblocks_reply(self, it: Item, cur: _Cursor) -> None:
+        head = cur.line()
+        if head == b"gone":
+            return self._race(it, "gone before its blocks were read")
+        if head != b"ok":
+            raise _bad(it, "a malformed block reply")
+        last = -1
+        pieces: list[tuple[int, int, int]] = []
+        while True:
+            line = cur.line()
+            if line.startswith(b"E "):
+                parts = line[2:].split(b" ")
+                if len(parts) != 2:
+                    raise _bad(it, "a malformed block reply")
+                size = _int(it, parts[0])
+                it.node_sha = _sha(it, parts[1])
+                break
+            parts = line.split(b" ")
+            if len(parts) != 3 or parts[0] != b"K":
+                raise _bad(it, "a malformed block reply")
+            i, n = _int(it, parts[1]), _int(it, parts[2])
+            if i <= last or not 0 < n <= it.bs:
+                raise _bad(it, f"block {i} out of order or of a wrong size")
+            last = i
+            pieces.append((i, cur.take(n), n))
+        if size != it.rec.size:
+            return self._race(it, f"size {size} while the listing says {it.rec.size}")
+        for i, _off, n in pieces:
+            if i * it.bs >= size:
+                raise _bad(it, f"block {i} beyond the end of its {size} bytes")
+            if n != min(it.bs, size - i * it.bs):
+                return self._race(it, "its blocks changed while they were read")
+        it.want = [i for i, _, _ in pieces]
+        it.pieces = [(i * it.bs, off, n) for i, off, n in pieces]
+        return None
 
     def _py_round2(self, blocks: list[Item], lines: list[Item]) -> None:
         if not blocks and not lines:
@@ -498,13 +545,19 @@ class DeltaRun:
                 level: int | None) -> tuple[ArchiveIndex, list[Item], dict[str, int]]:
         """Writes the new archive; returns its index, the reassembled files
         whose hash differs from the node's, and the composer's stats."""
-        composer = Composer(out, self.prev, level=level)
+        # The archive writer hashes the archive as it writes: once is enough.
+        composer = Composer(out, self.prev, level=level, hash_archive=False)
         vanished = []
+        run: list[Entry] = []  # consecutive unchanged entries: copied as whole members
         for it in self.plan.items:
             if it.kind == "copy":
                 assert it.old is not None
-                composer.copy(it.old)
-            elif it.kind == "fetch":
+                run.append(it.old)
+                continue
+            if run:
+                composer.copy_run(run)
+                run = []
+            if it.kind == "fetch":
                 fe = self.fetched.get(it.apath)
                 if fe is None:
                     vanished.append(it.apath)
@@ -524,6 +577,8 @@ class DeltaRun:
                     composer.copy(it.old, header)  # touched only: same blocks, same bytes
                 else:
                     composer.patch(it.old, header, it.rec.size, self._pieces(it))
+        if run:
+            composer.copy_run(run)
         index = composer.finish(self.plan.records)
         bad = []
         for it in self.plan.items:

@@ -8,6 +8,7 @@ where %l ends inside ``%l %P`` whatever bytes either holds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,14 +61,23 @@ def parse_record(raw: bytes) -> Record:
         float(mtime), float(ctime)  # noqa: B018 - validation
         if len(kind) != 1:
             raise ValueError("type")
-        if rel and (rel.startswith(b"/") or any(
-                p in (b"", b".", b"..") for p in rel.split(b"/"))):
+        # No empty, "." or ".." component (substring tests: a generator per
+        # record was a tenth of a delta plan's time).
+        framed = b"/" + rel + b"/"
+        if rel and (b"//" in framed or b"/./" in framed or b"/../" in framed):
             raise ValueError("a path that is not a plain relative name")
         return Record(raw, kind, int(m, 8), int(u), int(g), size, mtime, ctime, int(i),
                       link, rel)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArchive(f"the node's listing holds a malformed record "
                              f"{raw[:120]!r}: {exc}") from None
+
+
+# Most records of a delta are the previous backup's, byte for byte: a record
+# parsed once is not parsed again (a Record is immutable; a malformed one
+# raises every time, as exceptions are not cached). Parsing every record of
+# a 6,000-entry listing was 0.04-0.26 s of each delta's plan.
+parse_record_cached = functools.lru_cache(maxsize=1 << 16)(parse_record)
 
 
 def split_records(data: bytes) -> list[bytes]:

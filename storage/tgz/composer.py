@@ -17,9 +17,11 @@ from storage.tgz.format import (
     CHUNK,
     Entry,
     HeaderInfo,
+    Member,
     block_size_for,
     canonical_key,
     eof_bytes,
+    group_key,
     padded,
 )
 from storage.tgz.framing import EntryStream, Framer, RawSource
@@ -43,12 +45,14 @@ class Composer:
     def __init__(self, out: Callable[[bytes], None], prev: ArchiveReader | None, *,
                  level: int | None = None, backend: str | None = None,
                  block_size: Callable[[int], int] = block_size_for,
-                 verify_copies: bool = False) -> None:
+                 verify_copies: bool = False, hash_archive: bool = True) -> None:
         self.prev = prev
-        self._f = Framer(out, level, prev, backend, verify_copies)
+        self._f = Framer(out, level, prev, backend, verify_copies, hash_archive)
         self._stream = EntryStream(self._f, block_size)
         self._last: tuple[bytes, ...] | None = None
         self._finished = False
+        self._old_pos: dict[int, int] | None = None  # id(previous entry) -> position
+        self._old_members: dict[int, Member] = {}  # keyed previous members by raw offset
 
     def stats(self) -> dict[str, int]:
         return self._f.stats()
@@ -121,6 +125,57 @@ class Composer:
             self._f.add_chunk(self._old_chunk_key(r_start, r_len),
                               [lambda a=r_start, n=r_len: prev.read_raw_bytes(a, a + n)], r_len)
         return e
+
+    def copy_run(self, olds: list[Entry]) -> list[Entry]:
+        """Entries whose content and headers are unchanged, in order: as
+        ``copy`` each, but wherever the run holds every entry of a previous
+        group member, that member is copied in one step (no per-entry
+        layout, no re-reading of headers). The pending group, if any, is
+        closed first: members need not fall where a fresh layout would put
+        them, only tile the archive (their keys say what they hold)."""
+        prev = self._prev()
+        if self._old_pos is None:
+            self._old_pos = {id(e): i for i, e in enumerate(prev.index.entries)}
+            self._old_members = {m.r_off: m for m in prev.index.members if m.key}
+        old_entries = prev.index.entries
+        out: list[Entry] = []
+        i, n = 0, len(olds)
+        while i < n:
+            old = olds[i]
+            m = self._old_members.get(old.h_off) if not old.is_large else None
+            p = self._old_pos.get(id(old)) if m is not None else None
+            if m is not None and p is not None:
+                m_end = m.r_off + m.r_len
+                j = i
+                while (j < n and p + j - i < len(old_entries)
+                       and olds[j] is old_entries[p + j - i] and olds[j].end <= m_end
+                       and not olds[j].is_large and olds[j].header_sha256):
+                    j += 1
+                run = olds[i:j]
+                if run and run[-1].end == m_end and group_key(
+                        [e.key_part() for e in run]) == m.key:
+                    out.extend(self._copy_member(m, run))
+                    i = j
+                    continue
+            out.append(self.copy(old))
+            i += 1
+        return out
+
+    def _copy_member(self, m: Member, run: list[Entry]) -> list[Entry]:
+        prev = self._prev()
+        self._f.flush_group()
+        for e in run:
+            self._order(e.path)
+        shift = self._f.pos - m.r_off
+        new = [Entry(path=e.path, type=e.type, mode=e.mode, uid=e.uid, gid=e.gid,
+                     uname=e.uname, gname=e.gname, size=e.size, mtime=e.mtime, link=e.link,
+                     h_off=e.h_off + shift, d_off=e.d_off + shift, sha256=e.sha256,
+                     block_size=e.block_size, block_hashes=list(e.block_hashes),
+                     record=e.record, header_sha256=e.header_sha256) for e in run]
+        start, end = m.r_off, m.r_off + m.r_len
+        self._f.add_member(new, m.key, m.r_len,
+                           [lambda: prev.read_raw_bytes(start, end)])
+        return new
 
     def _old_chunk_key(self, r_start: int, r_len: int) -> str | None:
         """The key of the previous member holding exactly these raw bytes, if

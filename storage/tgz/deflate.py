@@ -69,6 +69,18 @@ def compressor(backend: str | None = None, level: int | None = None) -> Compress
     return compress
 
 
+def gzip_stream(backend: str | None = None, level: int | None = None) -> Any:
+    """A compressobj writing one gzip member in pieces (``compress`` then
+    ``flush``), by the default backend and level unless told."""
+    name = backend or DEFAULT_BACKEND
+    mod = _module(name)
+    if level is None:
+        level = DEFAULT_LEVEL if name == DEFAULT_BACKEND else 6
+    if name == "isal":
+        level = min(level, 3)
+    return mod.compressobj(level, mod.DEFLATED, 31)
+
+
 def inflate_member(compressed: bytes, step: int = INFLATE_STEP) -> Iterator[bytes]:
     """The raw bytes of exactly one gzip member, ``step`` bytes at most at a
     time (never an unbounded inflate); raises ``InvalidArchive`` if the bytes

@@ -73,8 +73,11 @@ class Framer:
 
     def __init__(self, out: Callable[[bytes], None], level: int | None = None,
                  prev: ArchiveReader | None = None, backend: str | None = None,
-                 verify_copies: bool = False) -> None:
+                 verify_copies: bool = False, hash_archive: bool = True) -> None:
         self._out = out
+        # False when the sink hashes what it writes anyway (ArchiveWriter):
+        # then the index's archive_sha256 stays None until the writer's commit.
+        self._hash_archive = hash_archive
         self._verify_copies = verify_copies
         self._compress = compressor(backend, level)
         self.prev = prev
@@ -125,7 +128,8 @@ class Framer:
             self.raw_bytes_compressed += r_len
         m = Member(self.c_off, len(data), self.r_off, r_len, key)
         self._out(data)
-        self._sha.update(data)
+        if self._hash_archive:
+            self._sha.update(data)
         self.members.append(m)
         self.c_off += len(data)
         self.r_off += r_len
@@ -161,6 +165,15 @@ class Framer:
         if is_boundary(entry.path):
             self.flush_group()
 
+    def add_member(self, entries: list[Entry], key: str, r_len: int,
+                   sources: list[RawSource]) -> None:
+        """Whole small entries (placed already) that make up one member of
+        their own, e.g. a previous archive's member copied as a unit."""
+        self.flush_group()
+        self.entries.extend(entries)
+        self.pos += r_len
+        self.emit(key, r_len, sources)
+
     def flush_group(self) -> None:
         if not self._group:
             return
@@ -186,7 +199,8 @@ class Framer:
         self.pos += len(eof_raw)
         self.emit(eof_key(eof_raw), len(eof_raw), [eof_raw])
         return ArchiveIndex(members=self.members, entries=self.entries,
-                            archive_sha256=self._sha.hexdigest(), archive_size=self.c_off,
+                            archive_sha256=self._sha.hexdigest() if self._hash_archive
+                            else None, archive_size=self.c_off,
                             raw_size=self.r_off)
 
     def stats(self) -> dict[str, int]:
@@ -295,8 +309,9 @@ class FramingWriter:
 
     def __init__(self, out: Callable[[bytes], None], *, level: int | None = None,
                  backend: str | None = None,
-                 block_size: Callable[[int], int] = block_size_for) -> None:
-        self._framer = Framer(out, level, None, backend)
+                 block_size: Callable[[int], int] = block_size_for,
+                 hash_archive: bool = True) -> None:
+        self._framer = Framer(out, level, None, backend, hash_archive=hash_archive)
         self._stream = EntryStream(self._framer, block_size)
         self._scanner = TarScanner(self._stream)  # type: ignore[arg-type]
         self._finished = False
