@@ -262,6 +262,34 @@ class S3ArchiveStore:
         finally:
             body.close()
 
+    def exists(self, file_name: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(file_name))
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+                    "404", "NoSuchKey", "NotFound"):
+                return False
+            raise ArchiveWriteError(f"cannot read {file_name}: {_describe(exc)}") from None
+
+    def read_index_bytes(self, file_name: str) -> bytes | None:
+        """The stored index object of ``file_name`` as it is (None: there is none)."""
+        try:
+            got = self.client.get_object(Bucket=self.bucket,
+                                         Key=self.key(index_name(file_name)))
+            return got["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+                    "404", "NoSuchKey", "NotFound"):
+                return None
+            raise ArchiveWriteError(f"cannot read the index of {file_name}: "
+                                    f"{_describe(exc)}") from None
+
+    def free_bytes(self) -> int | None:
+        """Object storage has no free space to report: None (the metric and
+        the status page leave it out)."""
+        return None
+
     def _write_index(self, file_name: str, index: Any) -> None:
         buf = io.BytesIO()
         index.dump(buf)
@@ -276,7 +304,6 @@ class S3ArchiveStore:
         """The archive's index; a missing or damaged one (or one describing
         other bytes) is rebuilt from the archive by ranged reads and stored."""
         from storage.tgz.index import ArchiveIndex, InvalidIndex
-        from storage.tgz.reader import rebuild_index
 
         size = self.size_of(file_name)
         try:
@@ -291,6 +318,15 @@ class S3ArchiveStore:
         except Exception as exc:  # noqa: BLE001 - missing or unreadable
             reason = _describe(exc)
         log.warning("rebuilding the index of %s: %s", file_name, reason)
+        return self.rebuild_index(file_name, size)
+
+    def rebuild_index(self, file_name: str, size: int | None = None) -> Any:
+        """A new index from the archive alone (ranged reads), stored in place
+        of the old one."""
+        from storage.tgz.reader import rebuild_index
+
+        if size is None:
+            size = self.size_of(file_name)
         try:
             index = rebuild_index(lambda off, n: self.read_range(file_name, off, n), size)
         except InvalidArchive as exc:
