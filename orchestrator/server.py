@@ -68,15 +68,16 @@ class Server:
         os.chmod(self.data_dir, 0o700)
         self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock")
         self.token = _load_or_create_token(self.data_dir / "api-token")
+        # The archive store (default: ``archives`` in the data dir; or S3): a
+        # missing bucket or refused credentials stop us here, in one line,
+        # before the catalog is created or migrated.
+        self.store = open_store(settings.store_url, default_dir=self.data_dir / "archives",
+                                endpoint_url=settings.store_endpoint,
+                                region=settings.store_region)
         # The catalog (default: SQLite in the data dir) is opened and its schema
         # upgraded before anything else starts: a bad URL stops us here.
         self.catalog = Catalog(settings.catalog_url or self.data_dir / "catalog.db",
                                clock=clock, busy_timeout=settings.db_busy_timeout)
-        # The archive store (default: ``archives`` in the data dir; or S3): a
-        # missing bucket or refused credentials stop us here, in one line.
-        self.store = open_store(settings.store_url, default_dir=self.data_dir / "archives",
-                                endpoint_url=settings.store_endpoint,
-                                region=settings.store_region)
         # A delta's fetched pieces spool here, on local disk, whatever the store.
         self.spool_dir = self.data_dir / "tmp"
         self.spool_dir.mkdir(mode=0o700, exist_ok=True)
