@@ -28,6 +28,7 @@ import logging
 import re
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -76,6 +77,12 @@ class S3ArchiveWriter:
         self._hash = hashlib.sha256()
         self._buf = bytearray()
         self._parts: list[dict[str, Any]] = []
+        # One part uploads in a thread of its own while the next one fills:
+        # the composing/receiving thread never waits on the network for more
+        # than a part (memory: at most two parts).
+        self._queued = 0
+        self._pending: Future[None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.size = 0
         self._done = False
         try:
@@ -93,10 +100,22 @@ class S3ArchiveWriter:
         while len(self._buf) >= self._store.part_size:
             chunk = bytes(self._buf[:self._store.part_size])
             del self._buf[:self._store.part_size]
-            self._send(chunk)
+            self._queue(chunk)
 
-    def _send(self, chunk: bytes) -> None:
-        number = len(self._parts) + 1
+    def _queue(self, chunk: bytes) -> None:
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self._queued += 1
+        self._pending = self._pool.submit(self._send, chunk, self._queued)
+
+    def _wait(self) -> None:
+        """The part in flight is stored (or its error raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _send(self, chunk: bytes, number: int) -> None:
         try:
             etag = self._store.client.upload_part(
                 Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id,
@@ -114,9 +133,10 @@ class S3ArchiveWriter:
         ``index``, the index object is written first, like the directory store."""
         assert self._upload_id is not None and not self._done, "writer already closed"
         digest = self._hash.hexdigest()
-        if self._buf or not self._parts:
-            self._send(bytes(self._buf))
+        if self._buf or not self._queued:
+            self._queue(bytes(self._buf))
             self._buf = bytearray()
+        self._wait()
         if index is not None:
             if getattr(index, "archive_sha256", None) not in (None, digest) or (
                     getattr(index, "archive_size", None) and index.archive_size != self.size):
@@ -142,6 +162,13 @@ class S3ArchiveWriter:
         return ArchiveFacts(self.final_name, self.size, digest, self.created_at)
 
     def abort(self) -> None:
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the upload is aborted below anyway
+            pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._done or self._upload_id is None:
             return
         self._done = True
