@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -359,19 +359,25 @@ def create_app(server: Server) -> FastAPI:
         return {"backup": archive_json(server.catalog.get_archive(archive_id))}
 
     @r.get("/archives/{archive_id}/download", summary="the archive's tar.gz bytes",
-           response_class=FileResponse)
-    def download(archive_id: Id) -> FileResponse:
+           response_class=StreamingResponse)
+    def download(archive_id: Id) -> StreamingResponse:
         a = server.catalog.get_archive(archive_id)
         if a["deleted_at"] is not None:
             raise ApiError(410, "archive_rotated",
                            f"archive {archive_id} was rotated out on {iso(a['deleted_at'])}")
-        path = server.store.path_of(a["file_name"])
-        if not path.exists():
+        # Through the store (a directory or object storage), streamed: never
+        # whole in memory, and the length known up front for the client.
+        if not server.store.exists(a["file_name"]):
             raise ApiError(410, "archive_missing",
                            f"archive {archive_id} is listed but its file is gone from the store")
-        return FileResponse(path, media_type="application/gzip",
-                            filename=a["file_name"].rsplit("/", 1)[-1],
-                            headers={"X-Backhaul-SHA256": a["sha256"]})
+        size = server.store.size_of(a["file_name"])
+        name = a["file_name"].rsplit("/", 1)[-1]
+        return StreamingResponse(server.store.iter_bytes(a["file_name"]),
+                                 media_type="application/gzip",
+                                 headers={"X-Backhaul-SHA256": a["sha256"],
+                                          "Content-Length": str(size),
+                                          "Content-Disposition":
+                                              f'attachment; filename="{name}"'})
 
     app.include_router(r)
     # Operators' views, each in its own module: /metrics and the status page.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import posixpath
 import threading
 import time
@@ -44,10 +43,11 @@ from orchestrator.transfer.delta import (
 from orchestrator.transfer.listing import fingerprint as listing_fingerprint
 from orchestrator.transfer.listing import parse_listing, rebuild
 from orchestrator.transfer.stream import Inflater, Spool
-from storage.archives import ArchiveFacts, ArchiveStore, ArchiveWriter, node_dir_name, rotate
+from storage.archives import ArchiveFacts, ArchiveWriter, node_dir_name, rotate
 from storage.catalog import Catalog, Node, Target
 from storage.errors import ArchiveTooLarge, InvalidArchive, StorageError
 from storage.limits import format_size
+from storage.stores.base import Store
 from storage.tgz import ArchiveIndex, ArchiveReader, FramingWriter
 from storage.verify import TarGzVerifier
 
@@ -136,14 +136,17 @@ class BackupEngine:
     """Runs backups. Thread-safe: many targets run at once, one run per target,
     at most ``per_node`` runs per node."""
 
-    def __init__(self, catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
+    def __init__(self, catalog: Catalog, store: Store, pool: SSHPool, *,
                  per_node: int = 2, max_runs: int = 8, stderr_limit: int = 64 * 1024,
                  throttle: Callable[[int], None] | None = None,
                  use_pigz: bool = True, full_every: int = 0,
                  use_node_python: bool = True, delta: bool = True,
                  level: int | None = None, hooks: Hooks | None = None,
-                 limits: RunLimits | None = None) -> None:
+                 limits: RunLimits | None = None, spool_dir: str | None = None) -> None:
         self.catalog = catalog
+        # Local scratch for a delta's fetched pieces: never the store (which
+        # may be object storage). None: the system's temp dir.
+        self.spool_dir = spool_dir
         self.limits = limits or RunLimits()
         self.hooks = hooks  # the targets' pre/post commands (orchestrator/hooks.py)
         self.store = store
@@ -408,12 +411,14 @@ class BackupEngine:
         if total and need > FULL_FRACTION * total:
             return f"the delta would fetch {need} of {total} bytes"
         try:
-            prev_fd = os.open(self.store.path_of(prev_file), os.O_RDONLY)
-        except (OSError, StorageError) as exc:
+            if not self.store.exists(prev_file):
+                return "the previous archive is gone from the store"
+        except StorageError as exc:
             return f"the previous archive cannot be read: {exc}"
-        spool = Spool(str(self.store.root))
+        spool = Spool(self.spool_dir)
         try:
-            reader = ArchiveReader(lambda off, n: os.pread(prev_fd, n, off), prev_index)
+            reader = ArchiveReader(lambda off, n: self.store.read_range(prev_file, off, n),
+                                   prev_index)
             run = DeltaRun(node, root, plan, reader, spool)
             run.refine()
             run.fetch([it for it in plan.items if it.kind == "fetch"])
@@ -440,7 +445,6 @@ class BackupEngine:
             raise AssertionError("unreachable")
         finally:
             spool.close()
-            os.close(prev_fd)
 
     def _full(self, node: _Node, target: Target, run_id: int, root: str,
               records: dict[bytes, bytes], node_dir: str, created_at: dt.datetime,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import logging
-import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from typing import Any
 
 from orchestrator.errors import BackhaulError
 from orchestrator.restore import ArchiveGone, relative_members
-from storage.archives import ArchiveStore
 from storage.catalog import Catalog
+from storage.stores.base import Store
 from storage.tgz import ArchiveIndex, ArchiveReader, Entry
 from storage.tgz.deflate import compressor
 
@@ -86,18 +85,18 @@ def selected(rel: str, only: list[str]) -> str | None:
     return None
 
 
-def open_listing(catalog: Catalog, store: ArchiveStore, archive_id: int) -> Listed:
+def open_listing(catalog: Catalog, store: Store, archive_id: int) -> Listed:
     """A kept archive's index (rebuilt first when it is missing or damaged)."""
     archive = catalog.get_archive(archive_id)
     if archive["deleted_at"] is not None:
         raise ArchiveGone(f"archive {archive_id} was rotated out; its entries are gone")
-    if not store.path_of(archive["file_name"]).exists():
+    if not store.exists(archive["file_name"]):
         raise ArchiveGone(f"archive {archive_id} is listed but its file is gone from the store")
     target = catalog.get_target(archive["target_id"])
     return Listed(archive, target.path, store.load_index(archive["file_name"]))
 
 
-def list_entries(catalog: Catalog, store: ArchiveStore, archive_id: int,
+def list_entries(catalog: Catalog, store: Store, archive_id: int,
                  path: str | None, limit: int) -> dict[str, Any]:
     """``backhaul ls``: the entries, or those of one file or subtree."""
     listed = open_listing(catalog, store, archive_id)
@@ -118,7 +117,7 @@ def list_entries(catalog: Catalog, store: ArchiveStore, archive_id: int,
             "entries": out, "truncated": truncated}
 
 
-def find_entries(catalog: Catalog, store: ArchiveStore, target_id: int, pattern: str,
+def find_entries(catalog: Catalog, store: Store, target_id: int, pattern: str,
                  limit: int) -> dict[str, Any]:
     """``backhaul find``: per kept archive of the target's node and path (every
     registration), the entries whose relative path or basename match the glob."""
@@ -171,7 +170,7 @@ def selection(listed: Listed, only: list[str]) -> tuple[list[Entry], set[str]]:
     return picked, hit
 
 
-def selected_stream(store: ArchiveStore, listed: Listed, entries: list[Entry]
+def selected_stream(store: Store, listed: Listed, entries: list[Entry]
                     ) -> Iterator[bytes]:
     """A tar.gz holding just ``entries`` (header blocks, data and padding as
     stored), ending with the end-of-archive blocks. A gzip member that lies
@@ -186,30 +185,28 @@ def selected_stream(store: ArchiveStore, listed: Listed, entries: list[Entry]
             ranges.append([e.h_off, e.end])
     compress = compressor()
     index = listed.index
-    fd = os.open(store.path_of(listed.archive["file_name"]), os.O_RDONLY)
-    try:
-        reader = ArchiveReader(lambda off, n: os.pread(fd, n, off), index)
-        pending = bytearray()
-        for start, end in ranges:
-            pos = start
-            while pos < end:
-                m = index.members[index.member_at(pos)]
-                m_end = m.r_off + m.r_len
-                if pos == m.r_off and m_end <= end:
-                    if pending:
-                        yield compress(pending)
-                        pending.clear()
-                    yield reader.member_bytes(m)
-                    pos = m_end
-                    continue
-                stop = min(end, m_end)
-                for piece in reader.read_raw(pos, stop):
-                    pending += piece
-                    if len(pending) >= FLUSH_RAW:
-                        yield compress(pending)
-                        pending.clear()
-                pos = stop
-        pending += END_OF_ARCHIVE
-        yield compress(pending)
-    finally:
-        os.close(fd)
+    file_name = listed.archive["file_name"]
+    # ranged reads through the store (a directory or object storage)
+    reader = ArchiveReader(lambda off, n: store.read_range(file_name, off, n), index)
+    pending = bytearray()
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            m = index.members[index.member_at(pos)]
+            m_end = m.r_off + m.r_len
+            if pos == m.r_off and m_end <= end:
+                if pending:
+                    yield compress(pending)
+                    pending.clear()
+                yield reader.member_bytes(m)
+                pos = m_end
+                continue
+            stop = min(end, m_end)
+            for piece in reader.read_raw(pos, stop):
+                pending += piece
+                if len(pending) >= FLUSH_RAW:
+                    yield compress(pending)
+                    pending.clear()
+            pos = stop
+    pending += END_OF_ARCHIVE
+    yield compress(pending)

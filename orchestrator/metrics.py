@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -168,9 +167,11 @@ class BackhaulCollector(Collector):
 
     def _server(self) -> tuple[list[Metric], int]:
         free = GaugeMetricFamily("backhaul_store_free_bytes",
-                                 "free bytes on the archive store's file system")
-        st = os.statvfs(self.server.store.root)
-        free.add_metric([], st.f_bavail * st.f_frsize)
+                                 "free bytes on the archive store's file system "
+                                 "(absent with an S3 store: object storage reports none)")
+        free_now = self.server.store.free_bytes()
+        if free_now is not None:
+            free.add_metric([], free_now)
         size = GaugeMetricFamily("backhaul_catalog_size_bytes",
                                  "size of the catalog database (with its WAL)")
         size.add_metric([], self.server.catalog.size_bytes())

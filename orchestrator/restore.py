@@ -14,19 +14,20 @@ says what to do instead.
 
 from __future__ import annotations
 
+import io
 import logging
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from orchestrator import remote, validation
 from orchestrator.errors import BackhaulError, InvalidPath, RemoteCommandFailed
 from orchestrator.ssh import NodeAddress, SSHPool
 from orchestrator.verify_cmd import archive_root
-from storage.archives import ArchiveStore
 from storage.catalog import Catalog
+from storage.errors import StorageError
+from storage.stores.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,14 @@ def relative_members(only: list[str], tree_path: str) -> list[str]:
     return out
 
 
-def restore_to_node(catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
+def restore_to_node(catalog: Catalog, store: Store, pool: SSHPool, *,
                     archive_id: int, user: str, host: str, port: int, dest: str,
                     only: list[str], force: bool) -> NodeRestore:
     archive = catalog.get_archive(archive_id)
     if archive["deleted_at"] is not None:
         raise ArchiveGone(f"archive {archive_id} was rotated out; nothing to restore")
-    path = store.path_of(archive["file_name"])
-    if not path.exists():
+    file_name = archive["file_name"]
+    if not store.exists(file_name):
         raise ArchiveGone(f"archive {archive_id} is listed but its file is gone from the store")
     host, port, user = validation.host(host), validation.port(port), validation.user(user)
     dest = remote.validate_path(dest)
@@ -113,15 +114,13 @@ def restore_to_node(catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
     target = catalog.get_target(archive["target_id"])
     members = relative_members(only, target.path)
     root = archive_root(catalog, archive)
-    strip = 0 if _holds_one_file(path) else 1
+    strip = 0 if _holds_one_file(store, file_name) else 1
     node = NodeAddress(user, host, port)
     address = str(node)
     sent = 0
 
     def whole() -> Iterator[bytes]:
-        with open(path, "rb") as f:
-            while data := f.read(CHUNK):
-                yield data
+        return store.iter_bytes(file_name, CHUNK)
 
     source = whole
     if members:
@@ -156,15 +155,32 @@ def restore_to_node(catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
     return NodeRestore(archive_id, address, dest, members, sent)
 
 
-def _holds_one_file(path: Path) -> bool:
+class _Head(io.RawIOBase):
+    """The archive's bytes from its start, read through the store on demand."""
+
+    def __init__(self, store: Store, file_name: str) -> None:
+        self._store, self._name, self._pos = store, file_name, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self._store.read_range(self._name, self._pos, min(len(buf), 256 * 1024))
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _holds_one_file(store: Store, file_name: str) -> bool:
     """Whether the archive is of a single file (a target that is a file): its
-    first member is then not a directory, and nothing is stripped from it."""
+    first member is then not a directory, and nothing is stripped from it.
+    Only the first entry is read (stream mode stops at the first gzip member,
+    which is all this needs), through the store."""
     try:
-        # "r:gz", not "r|gz": tarfile's stream mode stops at the end of the
-        # first gzip member, and archives are many members.
-        with tarfile.open(path, mode="r:gz") as tar:
+        with tarfile.open(fileobj=io.BufferedReader(_Head(store, file_name)),
+                          mode="r|gz") as tar:
             first = tar.next()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, StorageError) as exc:
         raise RestoreError(f"the stored archive cannot be read: {exc}") from None
     return first is not None and not first.isdir()
 

@@ -41,9 +41,10 @@ from orchestrator.settings import Settings
 from orchestrator.ssh import NodeAddress, ServerKey, SSHPool
 from orchestrator.throttle import TokenBucket
 from orchestrator.verify_cmd import ArchiveCheck, Scrubber, archive_root, check_archive
-from storage.archives import ArchiveStore, rotate
+from storage.archives import rotate
 from storage.catalog import Catalog, Node, Target, TargetOptions, format_address, utcnow
 from storage.errors import NotFound, StorageError, TargetExists
+from storage.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,19 @@ class Server:
         os.chmod(self.data_dir, 0o700)
         self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock")
         self.token = _load_or_create_token(self.data_dir / "api-token")
+        # The archive store (default: ``archives`` in the data dir; or S3): a
+        # missing bucket or refused credentials stop us here, in one line,
+        # before the catalog is created or migrated.
+        self.store = open_store(settings.store_url, default_dir=self.data_dir / "archives",
+                                endpoint_url=settings.store_endpoint,
+                                region=settings.store_region)
         # The catalog (default: SQLite in the data dir) is opened and its schema
         # upgraded before anything else starts: a bad URL stops us here.
         self.catalog = Catalog(settings.catalog_url or self.data_dir / "catalog.db",
                                clock=clock, busy_timeout=settings.db_busy_timeout)
-        self.store = ArchiveStore(self.data_dir / "archives")
+        # A delta's fetched pieces spool here, on local disk, whatever the store.
+        self.spool_dir = self.data_dir / "tmp"
+        self.spool_dir.mkdir(mode=0o700, exist_ok=True)
         self.key = ServerKey(self.data_dir / "ssh" / "id_ed25519",
                              comment=f"backhaul@{os.uname().nodename}")
         limits = run_limits(settings)
@@ -86,7 +95,8 @@ class Server:
                                    use_pigz=settings.compressor == "auto",
                                    hooks=Hooks(self.catalog, timeout=settings.hook_timeout),
                                    limits=limits, full_every=settings.full_every,
-                                   use_node_python=settings.node_python == "auto")
+                                   use_node_python=settings.node_python == "auto",
+                                   spool_dir=str(self.spool_dir))
         self.sender = Sender(max_queue=settings.notify_queue)
         self.notifier = Notifier(self.catalog, self.sender, settings.notify_url,
                                  repeat_seconds=settings.notify_repeat, clock=clock)
@@ -139,8 +149,8 @@ class Server:
             Scrubber(self.catalog, self.store,
                      dt.timedelta(days=self.settings.scrub_every), self._stopping).start()
         self.started = True
-        log.info("backhauld %s started: data dir %s, %d active targets", __version__,
-                 self.data_dir, len(active))
+        log.info("backhauld %s started: data dir %s, archives in %s, %d active targets",
+                 __version__, self.data_dir, self.store.url, len(active))
 
     def stop(self) -> None:
         """Stop taking work; let in-flight runs finish within ``shutdown_grace``,

@@ -113,6 +113,16 @@ class Setting:
         return ENV_PREFIX + self.name.upper()
 
 
+def _store_url(value: str) -> str:
+    """A directory, ``file://DIR`` or ``s3://BUCKET[/PREFIX]`` (no credentials in it)."""
+    if value.startswith("s3://"):
+        from storage.stores.s3 import parse_store_url
+        parse_store_url(value)  # ValueError: one line from the parser
+    elif "://" in value and not value.startswith("file://"):
+        raise ValueError(f"store URL {value!r}: give s3://BUCKET/PREFIX or a directory")
+    return value
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", "./backhaul-data",
             "directory for the catalog, job store, archives, SSH key and API token",
@@ -121,6 +131,12 @@ SETTINGS: tuple[Setting, ...] = (
             "(the job store then sits in the same database) or `sqlite:///FILE`; empty: "
             "`catalog.db` in the data dir. Give a password in the env var, not the flag "
             "(`ps` shows flags), or leave it out and use `~/.pgpass`", _database_url),
+    Setting("store_url", "", "archive store: `s3://BUCKET/PREFIX` (S3-compatible object "
+            "storage; credentials only from the standard AWS variables or credentials file, "
+            "never a flag) or a directory; empty: `archives` in the data dir", _store_url),
+    Setting("store_endpoint", "", "S3 endpoint URL for an `s3://` store, e.g. "
+            "`http://127.0.0.1:8333` (empty: AWS's own)"),
+    Setting("store_region", "", "S3 region for an `s3://` store (empty: the AWS config's)"),
     Setting("listen", "127.0.0.1:7710", "HOST:PORT the HTTP/JSON API listens on", parse_listen),
     Setting("workers", "8", "backups running at once, over all nodes", _positive_int),
     Setting("per_node", "2", "backups running at once on one node", _positive_int),

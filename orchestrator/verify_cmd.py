@@ -19,10 +19,10 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from storage.archives import ArchiveStore
 from storage.catalog import Catalog
 from storage.errors import InvalidArchive, StorageError
 from storage.index_check import index_problem
+from storage.stores.base import Store
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class ArchiveCheck:
         return asdict(self)
 
 
-def check_archive(catalog: Catalog, store: ArchiveStore, archive: dict[str, Any],
+def check_archive(catalog: Catalog, store: Store, archive: dict[str, Any],
                   root: str) -> ArchiveCheck:
     """Read one archive and record the outcome in the catalog (kept ones only)."""
     aid, tid = archive["id"], archive["target_id"]
@@ -55,34 +55,33 @@ def check_archive(catalog: Catalog, store: ArchiveStore, archive: dict[str, Any]
         return ArchiveCheck(aid, tid, "rotated", archive["size"], None, None, None,
                             "the archive was rotated out; there is nothing to verify")
     try:
-        path = store.path_of(archive["file_name"])
+        present = store.exists(archive["file_name"])
     except StorageError as exc:
         return _record(catalog, ArchiveCheck(aid, tid, "corrupt", 0, False, False, None,
                                              exc.message))
+    if not present:
+        return _record(catalog, ArchiveCheck(aid, tid, "corrupt", 0, False, False, None,
+                                             "the archive file is missing from the store"))
     digest = hashlib.sha256()
     verifier = TarGzVerifier(root)
     structure_error: str | None = None
     size = 0
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                size += len(chunk)
-                digest.update(chunk)
-                if structure_error is None:
-                    try:
-                        verifier.feed(chunk)
-                    except InvalidArchive as exc:
-                        structure_error = exc.message  # keep hashing: report both
+        for chunk in store.iter_bytes(archive["file_name"], CHUNK):
+            size += len(chunk)
+            digest.update(chunk)
+            if structure_error is None:
+                try:
+                    verifier.feed(chunk)
+                except InvalidArchive as exc:
+                    structure_error = exc.message  # keep hashing: report both
         if structure_error is None:
             verifier.finish()
-    except FileNotFoundError:
-        return _record(catalog, ArchiveCheck(aid, tid, "corrupt", 0, False, False, None,
-                                             "the archive file is missing from the store"))
     except InvalidArchive as exc:
         structure_error = exc.message
-    except OSError as exc:
+    except StorageError as exc:
         return _record(catalog, ArchiveCheck(aid, tid, "corrupt", size, None, None, None,
-                                             f"cannot read the archive file: {exc.strerror}"))
+                                             f"cannot read the archive file: {exc.message}"))
     errors = []
     sha_ok = digest.hexdigest() == archive["sha256"] and size == archive["size"]
     if not sha_ok:
@@ -109,7 +108,7 @@ class IndexCheck:
     rebuilt: bool  # and it was rebuilt from the (good) archive
 
 
-def check_index(store: ArchiveStore, archive: dict[str, Any], sha256: str, size: int,
+def check_index(store: Store, archive: dict[str, Any], sha256: str, size: int,
                 archive_good: bool) -> IndexCheck:
     """Index consistency (storage/index_check.py). A missing or damaged index
     of a good archive is rebuilt from the archive and reported; that of a
@@ -152,7 +151,7 @@ class Scrubber:
     """Verifies every kept archive once per ``every`` (oldest check first), one
     at a time, and writes each outcome to the run log (trigger ``scrub``)."""
 
-    def __init__(self, catalog: Catalog, store: ArchiveStore, every: dt.timedelta,
+    def __init__(self, catalog: Catalog, store: Store, every: dt.timedelta,
                  stopping: threading.Event) -> None:
         self.catalog = catalog
         self.store = store

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -168,6 +169,7 @@ class ArchiveStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._makedirs(self.root)
+        self.url = str(self.root)
 
     def _makedirs(self, path: Path) -> None:
         # Each level 0700, not only the last: ``mkdir(parents=True)`` makes the
@@ -236,6 +238,47 @@ class ArchiveStore:
                 os.close(fd)
         except OSError as exc:
             raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
+
+    def exists(self, file_name: str) -> bool:
+        return self.path_of(file_name).is_file()
+
+    def size_of(self, file_name: str) -> int:
+        try:
+            return self.path_of(file_name).stat().st_size
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
+
+    def iter_bytes(self, file_name: str, chunk: int = 2**20) -> Iterator[bytes]:
+        """The whole file as a stream (downloads, verify, restore)."""
+        try:
+            f = open(self.path_of(file_name), "rb")
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
+        with f:
+            while True:
+                try:
+                    data = f.read(chunk)
+                except OSError as exc:
+                    raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) \
+                        from exc
+                if not data:
+                    return
+                yield data
+
+    def read_index_bytes(self, file_name: str) -> bytes | None:
+        """The stored index of ``file_name`` as it is (None: there is none)."""
+        try:
+            with open(self.path_of(index_name(file_name)), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read the index of {file_name}")) \
+                from exc
+
+    def free_bytes(self) -> int | None:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def load_index(self, file_name: str) -> ArchiveIndex:
         """The archive's index; a missing or damaged one (or one describing

@@ -10,37 +10,33 @@ is the one recorded and they name the recorded path.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import tarfile
 
-from storage.archives import ArchiveStore, index_name
 from storage.errors import InvalidArchive, StorageError
+from storage.stores.base import Store
 from storage.tgz import ArchiveIndex, ArchiveReader, InvalidIndex, parse_header
 
 
-def index_problem(store: ArchiveStore, file_name: str, sha256: str, size: int) -> str | None:
+def index_problem(store: Store, file_name: str, sha256: str, size: int) -> str | None:
     """What is wrong with the index of ``file_name`` (whose bytes now hash to
     ``sha256`` and are ``size`` long), or None when it is consistent."""
     try:
-        with open(store.path_of(index_name(file_name)), "rb") as f:
-            index = ArchiveIndex.load(f)
-    except FileNotFoundError:
-        return "the index is missing"
+        raw = store.read_index_bytes(file_name)
+        if raw is None:
+            return "the index is missing"
+        index = ArchiveIndex.load(io.BytesIO(raw))
     except InvalidIndex as exc:
         return exc.message
-    except OSError as exc:
-        return f"the index cannot be read: {exc.strerror or exc}"
+    except StorageError as exc:
+        return f"the index cannot be read: {exc.message}"
     if index.archive_size != size:
         return (f"the index describes an archive of {index.archive_size} bytes, "
                 f"the file has {size}")
     if index.archive_sha256 != sha256:
         return "the index names another archive sha256"
     try:
-        fd = os.open(store.path_of(file_name), os.O_RDONLY)
-    except OSError as exc:
-        return f"the archive cannot be read: {exc.strerror or exc}"
-    try:
-        reader = ArchiveReader(lambda off, n: os.pread(fd, n, off), index)
+        reader = ArchiveReader(lambda off, n: store.read_range(file_name, off, n), index)
         for e in index.entries:
             header = reader.read_raw_bytes(e.h_off, e.d_off)
             if e.header_sha256 and hashlib.sha256(header).digest() != e.header_sha256:
@@ -51,6 +47,4 @@ def index_problem(store: ArchiveStore, file_name: str, sha256: str, size: int) -
         return f"the archive does not match its index: {exc.message}"
     except (ValueError, IndexError, tarfile.TarError) as exc:
         return f"the archive does not match its index: {exc}"
-    finally:
-        os.close(fd)
     return None

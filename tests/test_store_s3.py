@@ -66,6 +66,49 @@ def write(store: object, data: bytes, run_id: int = 1, piece: int = 3_000_001):
 # -- the contract both stores keep ----------------------------------------------------
 
 
+def test_both_stores_serve_the_readers_interface(store: object) -> None:
+    """What the server's readers use (storage/stores/base.py): existence,
+    size, ranged reads, a streamed whole, the raw index, free space."""
+    from storage.stores import Store
+
+    assert isinstance(store, Store)
+    data = os.urandom(6 * 2**20 + 5)
+    with write(store, data) as w:
+        facts = w.commit()
+    s: Store = store  # type: ignore[assignment]
+    name = facts.file_name
+    assert s.exists(name) and not s.exists(name.replace(".tar.gz", "0.tar.gz"))
+    assert s.size_of(name) == len(data)
+    assert s.read_range(name, 5 * 2**20 - 3, 10) == data[5 * 2**20 - 3:5 * 2**20 + 7]
+    assert s.read_range(name, len(data) - 2, 100) == data[-2:]
+    assert s.read_range(name, len(data) + 10, 100) == b""
+    chunks = list(s.iter_bytes(name, 2**20))
+    assert b"".join(chunks) == data and max(map(len, chunks)) <= 2**20
+    assert s.read_index_bytes(name) is None  # committed without an index
+    free = s.free_bytes()
+    assert (free is None) if isinstance(store, S3ArchiveStore) else free > 0
+    s.delete(name)
+    assert not s.exists(name)
+
+
+def test_open_store_picks_the_backend(tmp_path: Path, s3_env: SeaweedS3) -> None:
+    from storage.stores import open_store
+
+    default = open_store("", default_dir=tmp_path / "d")
+    assert isinstance(default, ArchiveStore) and default.root == tmp_path / "d"
+    other = open_store(f"file://{tmp_path / 'e'}", default_dir=tmp_path / "d")
+    assert isinstance(other, ArchiveStore) and other.root == tmp_path / "e"
+    bucket = s3_env.create_bucket()
+    remote = open_store(f"s3://{bucket}/p", default_dir=tmp_path / "d",
+                        endpoint_url=s3_env.endpoint, region="us-east-1")
+    assert isinstance(remote, S3ArchiveStore) and (remote.bucket, remote.prefix) == (bucket, "p")
+    with pytest.raises(StorageError, match="does not exist"):
+        open_store(f"s3://{bucket}-missing/p", default_dir=tmp_path / "d",
+                   endpoint_url=s3_env.endpoint, region="us-east-1")
+    with pytest.raises(ValueError, match="s3://BUCKET/PREFIX"):
+        open_store("ftp://x/y", default_dir=tmp_path / "d")
+
+
 def test_an_archive_is_visible_only_once_committed(store: object) -> None:
     data = os.urandom(12 * 2**20 + 17)  # several parts and a short last one
     with write(store, data) as w:

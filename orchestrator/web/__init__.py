@@ -21,7 +21,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from storage.archives import TEMP_MARK, node_dir_name
 from storage.catalog import format_address
 from storage.monitoring import GOOD, TargetStatus, target_statuses
 
@@ -100,12 +99,10 @@ class StatusPage:
         self.server = server
 
     def progress(self, t: TargetStatus) -> int | None:
-        """Bytes received so far by the run in flight: the size of its temp file."""
-        folder = self.server.store.root / node_dir_name(t.user, t.host, t.port) / str(t.id)
-        try:
-            return sum(p.stat().st_size for p in folder.iterdir() if TEMP_MARK in p.name)
-        except OSError:
-            return None
+        """Bytes received so far by the run in flight (the engine's counter:
+        the store may be object storage, with no temp file to measure)."""
+        now = self.server.engine.progress(t.id)
+        return None if now is None else now[1]
 
     def context(self) -> dict[str, Any]:
         server = self.server

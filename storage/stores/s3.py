@@ -26,8 +26,11 @@ import hashlib
 import io
 import logging
 import re
+import threading
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 ARCHIVE_SUFFIX = ".tar.gz"
 INDEX_SUFFIX = ".index"
 MIN_PART = 5 * 2**20  # S3's smallest part (but the last)
+READ_BLOCK = 4 * 2**20  # ranged reads below this size go through cached blocks
+READ_BLOCKS_KEPT = 4  # blocks kept, over all readers (16 MiB)
 _KEY = re.compile(r"^[A-Za-z0-9._@-]+/[0-9]+/[A-Za-z0-9._-]+$")
 
 
@@ -76,6 +81,12 @@ class S3ArchiveWriter:
         self._hash = hashlib.sha256()
         self._buf = bytearray()
         self._parts: list[dict[str, Any]] = []
+        # One part uploads in a thread of its own while the next one fills:
+        # the composing/receiving thread never waits on the network for more
+        # than a part (memory: at most two parts).
+        self._queued = 0
+        self._pending: Future[None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.size = 0
         self._done = False
         try:
@@ -93,10 +104,22 @@ class S3ArchiveWriter:
         while len(self._buf) >= self._store.part_size:
             chunk = bytes(self._buf[:self._store.part_size])
             del self._buf[:self._store.part_size]
-            self._send(chunk)
+            self._queue(chunk)
 
-    def _send(self, chunk: bytes) -> None:
-        number = len(self._parts) + 1
+    def _queue(self, chunk: bytes) -> None:
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self._queued += 1
+        self._pending = self._pool.submit(self._send, chunk, self._queued)
+
+    def _wait(self) -> None:
+        """The part in flight is stored (or its error raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _send(self, chunk: bytes, number: int) -> None:
         try:
             etag = self._store.client.upload_part(
                 Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id,
@@ -114,9 +137,10 @@ class S3ArchiveWriter:
         ``index``, the index object is written first, like the directory store."""
         assert self._upload_id is not None and not self._done, "writer already closed"
         digest = self._hash.hexdigest()
-        if self._buf or not self._parts:
-            self._send(bytes(self._buf))
+        if self._buf or not self._queued:
+            self._queue(bytes(self._buf))
             self._buf = bytearray()
+        self._wait()
         if index is not None:
             if getattr(index, "archive_sha256", None) not in (None, digest) or (
                     getattr(index, "archive_size", None) and index.archive_size != self.size):
@@ -142,6 +166,13 @@ class S3ArchiveWriter:
         return ArchiveFacts(self.final_name, self.size, digest, self.created_at)
 
     def abort(self) -> None:
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the upload is aborted below anyway
+            pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._done or self._upload_id is None:
             return
         self._done = True
@@ -184,6 +215,8 @@ class S3ArchiveStore:
                                   config=Config(retries={"max_attempts": 5, "mode": "standard"},
                                                 s3={"addressing_style": "path"}))
         self.client = client
+        self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._blocks_lock = threading.Lock()
         try:
             # a listing, not HeadBucket: some servers answer HeadBucket
             # without checking the signature
@@ -226,6 +259,7 @@ class S3ArchiveStore:
     def delete(self, file_name: str) -> None:
         """The archive, then its index (an index left alone by a crash in
         between is swept at the next start)."""
+        self._forget(file_name)
         self._delete_key(self.key(file_name))
         if file_name.endswith(ARCHIVE_SUFFIX):
             self._delete_key(self.key(index_name(file_name)))
@@ -238,9 +272,51 @@ class S3ArchiveStore:
             raise ArchiveWriteError(f"cannot read {file_name}: {_describe(exc)}") from None
 
     def read_range(self, file_name: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of a stored object from ``offset`` (fewer at its end)."""
+        """``length`` bytes of a stored object from ``offset`` (fewer at its end).
+
+        Small reads are served from aligned blocks of ``READ_BLOCK`` bytes
+        fetched whole and kept in a small shared LRU: the readers walk an
+        archive member by member (<= 1 MiB each), and one GET per member costs
+        its round trip each time (~12 ms on loopback). Archive objects never
+        change once complete (a name is used once), so a block stays valid
+        until the archive is deleted."""
         if length <= 0:
             return b""
+        if length >= READ_BLOCK:
+            return self._get_range(file_name, offset, length)
+        out = bytearray()
+        pos, end = offset, offset + length
+        while pos < end:
+            block = self._block(file_name, pos // READ_BLOCK)
+            start = pos - (pos // READ_BLOCK) * READ_BLOCK
+            piece = block[start:start + (end - pos)]
+            if not piece:
+                break  # the object ends here
+            out += piece
+            pos += len(piece)
+            if len(block) < READ_BLOCK:
+                break  # the last block: nothing lies past it
+        return bytes(out)
+
+    def _block(self, file_name: str, number: int) -> bytes:
+        key = (file_name, number)
+        with self._blocks_lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return self._blocks[key]
+        data = self._get_range(file_name, number * READ_BLOCK, READ_BLOCK)
+        with self._blocks_lock:
+            self._blocks[key] = data
+            while len(self._blocks) > READ_BLOCKS_KEPT:
+                self._blocks.popitem(last=False)
+        return data
+
+    def _forget(self, file_name: str) -> None:
+        with self._blocks_lock:
+            for key in [k for k in self._blocks if k[0] == file_name]:
+                del self._blocks[key]
+
+    def _get_range(self, file_name: str, offset: int, length: int) -> bytes:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(file_name),
                                           Range=f"bytes={offset}-{offset + length - 1}")["Body"]
@@ -262,6 +338,34 @@ class S3ArchiveStore:
         finally:
             body.close()
 
+    def exists(self, file_name: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(file_name))
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+                    "404", "NoSuchKey", "NotFound"):
+                return False
+            raise ArchiveWriteError(f"cannot read {file_name}: {_describe(exc)}") from None
+
+    def read_index_bytes(self, file_name: str) -> bytes | None:
+        """The stored index object of ``file_name`` as it is (None: there is none)."""
+        try:
+            got = self.client.get_object(Bucket=self.bucket,
+                                         Key=self.key(index_name(file_name)))
+            return got["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") in (
+                    "404", "NoSuchKey", "NotFound"):
+                return None
+            raise ArchiveWriteError(f"cannot read the index of {file_name}: "
+                                    f"{_describe(exc)}") from None
+
+    def free_bytes(self) -> int | None:
+        """Object storage has no free space to report: None (the metric and
+        the status page leave it out)."""
+        return None
+
     def _write_index(self, file_name: str, index: Any) -> None:
         buf = io.BytesIO()
         index.dump(buf)
@@ -276,7 +380,6 @@ class S3ArchiveStore:
         """The archive's index; a missing or damaged one (or one describing
         other bytes) is rebuilt from the archive by ranged reads and stored."""
         from storage.tgz.index import ArchiveIndex, InvalidIndex
-        from storage.tgz.reader import rebuild_index
 
         size = self.size_of(file_name)
         try:
@@ -291,6 +394,15 @@ class S3ArchiveStore:
         except Exception as exc:  # noqa: BLE001 - missing or unreadable
             reason = _describe(exc)
         log.warning("rebuilding the index of %s: %s", file_name, reason)
+        return self.rebuild_index(file_name, size)
+
+    def rebuild_index(self, file_name: str, size: int | None = None) -> Any:
+        """A new index from the archive alone (ranged reads), stored in place
+        of the old one."""
+        from storage.tgz.reader import rebuild_index
+
+        if size is None:
+            size = self.size_of(file_name)
         try:
             index = rebuild_index(lambda off, n: self.read_range(file_name, off, n), size)
         except InvalidArchive as exc:
