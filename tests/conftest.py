@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner, Result
 
+from cli.main import main as cli_main
 from fixtures.postgres import PostgresCluster
 from fixtures.server import Backhauld
 from fixtures.sshd.launcher import SSHD
@@ -154,3 +156,32 @@ def live(tmp_path: Path, server_key: ServerKey) -> Iterator[LiveServer]:
     srv.start()
     yield srv
     srv.stop()
+
+
+# -- the client against a live backhauld ------------------------------------------
+
+# The client's settings from the environment are cleared for every invocation,
+# so no URL or token from the developer's shell can help a test pass.
+NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
+
+
+@pytest.fixture(scope="module")
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+        server_key: ServerKey) -> Iterator[LiveServer]:
+    """One backhauld shared by a module's tests (each uses its own paths)."""
+    name = request.module.__name__.removeprefix("test_")
+    s = LiveServer(tmp_path_factory.mktemp(name) / "server", server_key)
+    s.start()
+    yield s
+    s.stop()
+
+
+def cli(srv: LiveServer, *args: str, token: str | None = None) -> Result:
+    """``backhaul --server URL --token TOKEN ARGS...`` in-process, through click."""
+    argv = ["--server", srv.url, "--token", srv.token if token is None else token, *args]
+    return CliRunner().invoke(cli_main, argv, env=NO_ENV)
+
+
+def addr(node: SSHD) -> str:
+    """A node as the client's USER@HOST:PORT argument."""
+    return f"{node.user}@{node.host}:{node.port}"

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner, Result
-from conftest import LiveServer
+from conftest import NO_ENV, LiveServer, addr, cli
 
 from cli.main import main
 from fixtures.server import free_port
@@ -37,28 +36,12 @@ from orchestrator.ssh import ServerKey
 
 VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 COMMANDS = ("register", "unregister", "backups", "jobs", "history", "run", "download", "pubkey")
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, server_key: ServerKey) -> Iterator[LiveServer]:
-    s = LiveServer(tmp_path_factory.mktemp("cli-live") / "server", server_key)
-    s.start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No token file or URL from the developer's shell or cwd can help a test pass."""
     monkeypatch.chdir(tmp_path)
     for name in NO_ENV:
         monkeypatch.delenv(name, raising=False)
-
-
-def cli(srv: LiveServer, *args: str, token: str | None = None) -> Result:
-    argv = ["--server", srv.url, "--token", srv.token if token is None else token, *args]
-    return CliRunner().invoke(main, argv, env=NO_ENV)
 
 
 def cli_env(srv: LiveServer, *args: str) -> Result:
@@ -82,10 +65,6 @@ def one_error_line(result: Result) -> str:
     assert result.stdout == ""
     assert isinstance(result.exception, SystemExit)  # no uncaught exception inside
     return lines[0]
-
-
-def addr(node: SSHD) -> str:
-    return f"{node.user}@{node.host}:{node.port}"
 
 
 def make_tree(root: Path, files: int = 4) -> Path:

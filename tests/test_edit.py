@@ -6,23 +6,10 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from click.testing import CliRunner, Result
-from conftest import LiveServer
+from conftest import LiveServer, addr, cli
 
-from cli.main import main
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
-
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
-
-
-def cli(srv: LiveServer, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--server", srv.url, "--token", srv.token, *args],
-                              env=NO_ENV)
-
-
-def addr(node: SSHD) -> str:
-    return f"{node.user}@{node.host}:{node.port}"
 
 
 def finished(srv: LiveServer, tid: int, count: int) -> list[dict]:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import LiveServer
+from click.testing import Result
+from conftest import LiveServer, addr, cli
 
-from cli.main import main
 from fixtures.server import free_port
 from fixtures.sshd.launcher import SSHD
 from orchestrator import remote
@@ -22,25 +20,10 @@ from orchestrator.ssh import ServerKey, SSHPool
 from storage.archives import ArchiveStore
 from storage.catalog import Catalog
 
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, server_key: ServerKey) -> Iterator[LiveServer]:
-    s = LiveServer(tmp_path_factory.mktemp("bugs") / "server", server_key)
-    s.start()
-    yield s
-    s.stop()
-
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-
-
-def cli(srv: LiveServer, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--server", srv.url, "--token", srv.token, *args],
-                              env=NO_ENV)
 
 
 def ok(result: Result) -> str:
@@ -53,10 +36,6 @@ def error_line(result: Result) -> str:
     assert "Traceback" not in result.output
     (line,) = result.stderr.splitlines()
     return line
-
-
-def addr(node: SSHD) -> str:
-    return f"{node.user}@{node.host}:{node.port}"
 
 
 def tree(root: Path) -> Path:

@@ -10,33 +10,14 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import LiveServer
+from conftest import LiveServer, cli
 
-from cli.main import main
 from fixtures.sshd.launcher import SSHD
-from orchestrator.ssh import ServerKey
 from storage.archives import node_dir_name
 from storage.catalog import Catalog
-
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, server_key: ServerKey) -> Iterator[LiveServer]:
-    s = LiveServer(tmp_path_factory.mktemp("restore") / "server", server_key)
-    s.start()
-    yield s
-    s.stop()
-
-
-def cli(srv: LiveServer, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--server", srv.url, "--token", srv.token, *args],
-                              env=NO_ENV)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -5,25 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from click.testing import CliRunner, Result
-from conftest import LiveServer
+from conftest import LiveServer, addr, cli
 from test_restore import snapshot, source_tree
 
-from cli.main import main
 from fixtures.sshd.launcher import SSHD
 from orchestrator import remote
 from orchestrator.ssh import ServerKey
-
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
-
-
-def cli(srv: LiveServer, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--server", srv.url, "--token", srv.token, *args],
-                              env=NO_ENV)
-
-
-def addr(node: SSHD) -> str:
-    return f"{node.user}@{node.host}:{node.port}"
 
 
 def first_archive(srv: LiveServer, node: SSHD, app: Path) -> int:

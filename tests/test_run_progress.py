@@ -12,14 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import LiveServer
+from conftest import LiveServer, cli
 
-from cli.main import main
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
-
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +89,6 @@ def test_run_wait_shows_progress_on_a_terminal_only(slow: LiveServer, node: SSHD
     assert b"received so far" not in proc.stdout
 
     (app / "noise.bin").write_bytes(os.urandom(2 << 20))
-    res = CliRunner().invoke(main, ["--server", slow.url, "--token", slow.token, "run", addr,
-                                    str(app), "--wait"], env=NO_ENV)
+    res = cli(slow, "run", addr, str(app), "--wait")
     assert res.exit_code == 0, res.output
     assert res.stderr == "" and res.stdout.startswith("success: ")

@@ -5,19 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from click.testing import CliRunner, Result
-from conftest import LiveServer
+from conftest import LiveServer, cli
 
-from cli.main import main
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
-
-NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": None}
-
-
-def cli(srv: LiveServer, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--server", srv.url, "--token", srv.token, *args],
-                              env=NO_ENV)
 
 
 def three_archives(srv: LiveServer, node: SSHD, app: Path) -> tuple[dict, list[dict]]:

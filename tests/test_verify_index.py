@@ -8,8 +8,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from conftest import LiveServer
-from test_verify_cmd import cli, file_of, flip_byte, three_archives
+from conftest import LiveServer, cli
+from test_verify_cmd import file_of, flip_byte, three_archives
 
 from fixtures.sshd.launcher import SSHD
 from storage.tgz import ArchiveIndex
