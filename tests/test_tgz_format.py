@@ -24,7 +24,7 @@ from storage.tgz import (
     parse_header,
     rebuild_index,
 )
-from storage.tgz.format import Entry, eof_key, group_key, is_boundary
+from storage.tgz.format import HEADER_FIELDS, Entry, HeaderInfo, eof_key, group_key, is_boundary
 from tests.tgz_trees import (
     bsdtar_available,
     extract_with,
@@ -275,6 +275,21 @@ def test_make_header_round_trips_through_tar_readers(tmp_path: Path) -> None:
     assert b"n" * 120 in out and b"t" * 200 in out
     with pytest.raises(TypeError):
         make_header(None, path="x", colour="red")
+
+
+def test_an_entry_is_its_header_info_and_its_place(framed) -> None:
+    """An index Entry is a HeaderInfo: header_fields() gives exactly the header's
+    fields (none of the index's), and a header made from an entry parses back
+    to those fields."""
+    _, _, _, index = framed
+    assert HEADER_FIELDS == ("path", "type", "mode", "uid", "gid", "uname", "gname", "size",
+                             "mtime", "link")
+    for e in index.entries:
+        assert isinstance(e, HeaderInfo)
+        fields = e.header_fields()
+        assert tuple(fields) == HEADER_FIELDS
+        assert fields == {name: getattr(e, name) for name in HEADER_FIELDS}
+        assert parse_header(make_header(e)).header_fields() == fields
 
 
 def test_each_deflate_binding_writes_standard_members(framed) -> None:

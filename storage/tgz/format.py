@@ -11,10 +11,12 @@ verbatim whenever it needs the same raw bytes. See docs/ARCHITECTURE.md,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from storage.errors import InvalidArchive
 
@@ -103,8 +105,11 @@ class Member:
     key: str  # "" when the member does not follow the framing (no reuse)
 
 
-@dataclass(slots=True)  # an index may hold millions
-class Entry:
+@dataclass(slots=True)
+class HeaderInfo:
+    """What the header block(s) of one entry say. An index ``Entry`` is one
+    with its place in the archive and its hashes added."""
+
     path: str
     type: str
     mode: int
@@ -115,6 +120,20 @@ class Entry:
     size: int
     mtime: int | float
     link: str
+
+    def header_fields(self) -> dict[str, Any]:
+        """These fields alone, as keywords for ``Entry`` or ``make_header``
+        (written out: it runs for every entry an archive copies)."""
+        return {"path": self.path, "type": self.type, "mode": self.mode, "uid": self.uid,
+                "gid": self.gid, "uname": self.uname, "gname": self.gname, "size": self.size,
+                "mtime": self.mtime, "link": self.link}
+
+
+HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(HeaderInfo))
+
+
+@dataclass(slots=True)  # an index may hold millions
+class Entry(HeaderInfo):
     h_off: int  # raw offset of the first header block (long name / pax included)
     d_off: int  # raw offset of the data (= end of the header blocks)
     sha256: bytes | None = None  # content hash; None for entries without data
@@ -148,22 +167,6 @@ class Entry:
         """Key part of a large entry's header member, which holds no content:
         written before the content is seen, so the content hash is left out."""
         return entry_key_part(self.header_sha256, None, self.size)
-
-
-@dataclass
-class HeaderInfo:
-    """What the header block(s) of one entry say."""
-
-    path: str
-    type: str
-    mode: int
-    uid: int
-    gid: int
-    uname: str
-    gname: str
-    size: int
-    mtime: int | float
-    link: str
 
 
 class HeaderParser:
@@ -256,17 +259,14 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     return out
 
 
-def make_header(template: Entry | None = None, **changes: object) -> bytes:
+def make_header(template: HeaderInfo | None = None, **changes: object) -> bytes:
     """GNU-format header block(s) for an entry, via tarfile (long names get
-    'L'/'K' blocks). Fields: path, type, mode, uid, gid, uname, gname, size,
-    mtime, link; unset ones come from ``template``."""
+    'L'/'K' blocks). Fields: those of ``HeaderInfo``; unset ones come from
+    ``template``."""
     fields: dict[str, object] = {}
     if template is not None:
-        fields = {k: getattr(template, k) for k in
-                  ("path", "type", "mode", "uid", "gid", "uname", "gname", "size", "mtime",
-                   "link")}
-    unknown = set(changes) - {"path", "type", "mode", "uid", "gid", "uname", "gname", "size",
-                              "mtime", "link"}
+        fields = template.header_fields()
+    unknown = set(changes) - set(HEADER_FIELDS)
     if unknown:
         raise TypeError(f"make_header: unknown fields {sorted(unknown)}")
     fields.update(changes)

@@ -215,9 +215,7 @@ def _join(sources: list[RawSource]) -> bytes:
 
 
 def new_entry(info: HeaderInfo, header: bytes) -> Entry:
-    return Entry(path=info.path, type=info.type, mode=info.mode, uid=info.uid, gid=info.gid,
-                 uname=info.uname, gname=info.gname, size=info.size, mtime=info.mtime,
-                 link=info.link, h_off=0, d_off=0,
+    return Entry(**info.header_fields(), h_off=0, d_off=0,
                  header_sha256=hashlib.sha256(header).digest())
 
 
