@@ -227,7 +227,10 @@ def extract(
     try:
         # Not mode "r|gz": tarfile's stream reader inflates only the first gzip
         # member and then takes the end of it for the end of the archive, and
-        # backhaul's archives are many members.
+        # backhaul's archives are many members. (The server's _holds_one_file
+        # in orchestrator/restore.py reads only the first entry, so "r|gz" is
+        # enough there; the client cannot import it, nor the server's
+        # inflaters, and needs a pull-style file object for tarfile.)
         gunzip = GunzipReader(stream)
         tar = tarfile.open(fileobj=gunzip, mode="r|")
     except (tarfile.TarError, OSError, EOFError) as exc:

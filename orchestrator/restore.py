@@ -174,8 +174,11 @@ class _Head(io.RawIOBase):
 def _holds_one_file(store: Store, file_name: str) -> bool:
     """Whether the archive is of a single file (a target that is a file): its
     first member is then not a directory, and nothing is stripped from it.
-    Only the first entry is read (stream mode stops at the first gzip member,
-    which is all this needs), through the store."""
+    Only the first entry is read, through the store. Mode "r|gz" is enough
+    here though it inflates only the first gzip member (cli/restore.py's
+    GunzipReader is what reads a whole archive): a member starts on an entry
+    boundary and holds whole headers (a large file's first member is its
+    header alone), so the first entry's header is always in the first one."""
     try:
         with tarfile.open(fileobj=io.BufferedReader(_Head(store, file_name)),
                           mode="r|gz") as tar:

@@ -3,6 +3,7 @@ archive onto a node over SSH (real sshd, GNU tar there)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from conftest import LiveServer, addr, cli
@@ -98,3 +99,24 @@ def test_a_single_file_target_restores_as_that_file(live: LiveServer, node: SSHD
     res = cli(live, "restore", str(aid), "--to-node", addr(node), "--dest", str(there))
     assert res.exit_code == 0, res.output
     assert (there / "settings.conf").read_text() == "a=1\n"
+
+
+def test_a_large_single_file_target_restores_as_that_file(live: LiveServer, node: SSHD,
+                                                          tmp_path: Path) -> None:
+    """A file of several MiB: the archive's first gzip member holds its header
+    alone and the data follows in chunk members. The server tells it is one
+    file from that first member; the client must inflate every member."""
+    f = tmp_path / "disk.img"
+    data = os.urandom(3 << 20)
+    f.write_bytes(data)
+    aid = first_archive(live, node, f)
+    here = tmp_path / "here"
+    res = cli(live, "restore", str(aid), "--to", str(here))
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in here.iterdir()] == ["disk.img"]
+    assert (here / "disk.img").read_bytes() == data
+    there = tmp_path / "there"
+    res = cli(live, "restore", str(aid), "--to-node", addr(node), "--dest", str(there))
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in there.iterdir()] == ["disk.img"]
+    assert (there / "disk.img").read_bytes() == data
