@@ -4,6 +4,9 @@ archive directory. Nothing here reads ~/.ssh or talks to an ssh-agent."""
 from __future__ import annotations
 
 import os
+import pty
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,3 +188,25 @@ def cli(srv: LiveServer, *args: str, token: str | None = None) -> Result:
 def addr(node: SSHD) -> str:
     """A node as the client's USER@HOST:PORT argument."""
     return f"{node.user}@{node.host}:{node.port}"
+
+
+def cli_on_tty(srv: LiveServer, *args: str, timeout: float = 60,
+               **env: str) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """The installed ``backhaul`` as a user runs it, the server from
+    BACKHAUL_URL/BACKHAUL_TOKEN and its stderr on a pseudo-terminal (where
+    progress is shown): the finished process and what the terminal showed."""
+    backhaul = Path(sys.executable).parent / "backhaul"
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+    full.update(BACKHAUL_URL=srv.url, BACKHAUL_TOKEN=srv.token, **env)
+    main_fd, sub_fd = pty.openpty()
+    proc = subprocess.run([str(backhaul), *args], env=full, stdout=subprocess.PIPE,
+                          stderr=sub_fd, timeout=timeout)
+    os.close(sub_fd)
+    shown = b""
+    try:
+        while chunk := os.read(main_fd, 65536):
+            shown += chunk
+    except OSError:  # EIO once the terminal's other end is closed
+        pass
+    os.close(main_fd)
+    return proc, shown

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, cli
+from conftest import LiveServer, cli, cli_on_tty
 
 from fixtures.sshd.launcher import SSHD
 from storage.archives import node_dir_name
@@ -241,29 +241,12 @@ def test_a_hostile_archive_writes_nothing_outside_dir(srv: LiveServer, backed_up
 
 def test_progress_bars_only_on_a_terminal(srv: LiveServer, backed_up, tmp_path: Path) -> None:
     """The installed client, its stderr on a pseudo-terminal, then not."""
-    import pty
-    import subprocess
-    import sys
-
     _app, _t, aid = backed_up
-    backhaul = Path(sys.executable).parent / "backhaul"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
-    env.update(BACKHAUL_URL=srv.url, BACKHAUL_TOKEN=srv.token, COLUMNS="100")
     for argv, label in ((["download", str(aid), "-o", str(tmp_path / "a.tgz")],
                          f"downloading archive {aid}"),
                         (["restore", str(aid), "--to", str(tmp_path / "r")],
                          f"restoring archive {aid}")):
-        main_fd, sub_fd = pty.openpty()
-        proc = subprocess.run([backhaul, *argv], env=env, stdout=subprocess.PIPE,
-                              stderr=sub_fd, timeout=60)
-        os.close(sub_fd)
-        shown = b""
-        try:
-            while chunk := os.read(main_fd, 65536):
-                shown += chunk
-        except OSError:  # EIO once the terminal's other end is closed
-            pass
-        os.close(main_fd)
+        proc, shown = cli_on_tty(srv, *argv, COLUMNS="100")
         assert proc.returncode == 0, shown
         assert label.encode() in shown, shown
         assert label.encode() not in proc.stdout

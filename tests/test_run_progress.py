@@ -4,15 +4,12 @@ so far, and `backhaul run --wait` shows it on a terminal (only there)."""
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LiveServer, cli
+from conftest import LiveServer, cli, cli_on_tty
 
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
@@ -67,22 +64,9 @@ def test_run_wait_shows_progress_on_a_terminal_only(slow: LiveServer, node: SSHD
     slow.wait_for(lambda: [r for r in slow.runs(t["id"]) if r["status"] == "success"], 30,
                   "the first backup")
     addr = f"{node.user}@{node.host}:{node.port}"
-    backhaul = Path(sys.executable).parent / "backhaul"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
-    env.update(BACKHAUL_URL=slow.url, BACKHAUL_TOKEN=slow.token)
 
     (app / "noise.bin").write_bytes(os.urandom(3 << 20))
-    main_fd, sub_fd = pty.openpty()
-    proc = subprocess.run([backhaul, "run", addr, str(app), "--wait"], env=env,
-                          stdout=subprocess.PIPE, stderr=sub_fd, timeout=120)
-    os.close(sub_fd)
-    shown = b""
-    try:
-        while chunk := os.read(main_fd, 65536):
-            shown += chunk
-    except OSError:  # EIO once the terminal's other end is closed
-        pass
-    os.close(main_fd)
+    proc, shown = cli_on_tty(slow, "run", addr, str(app), "--wait", timeout=120)
     assert proc.returncode == 0, shown
     assert b"received so far" in shown and b"MiB received so far" in shown, shown
     assert proc.stdout.startswith(b"success: "), proc.stdout
