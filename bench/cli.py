@@ -21,6 +21,7 @@ from types import FrameType
 
 from bench.bwlimit import run_bwlimit
 from bench.control import run_control
+from bench.delta import run_delta
 from bench.full import run_full, run_pigz
 from bench.harness import REPO, Context
 from bench.memory import run_memory
@@ -36,6 +37,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Context], list[Metric]]]] = {
     "control": ("client and control plane with many targets", run_control),
     "memory": ("backhauld RSS: streaming, many targets", run_memory),
     "bwlimit": ("--bwlimit accuracy", run_bwlimit),
+    "delta": ("changed backups: wire bytes and time vs rsync -az over OpenSSH", run_delta),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 

@@ -182,9 +182,11 @@ def tree_listing(root: Path) -> dict[str, tuple[str, int | str]]:
 
 
 def archive_listing(archive: Path) -> dict[str, tuple[str, int | str]]:
-    """The same listing read from a tar.gz (every member, streamed)."""
+    """The same listing read from a tar.gz (every member). "r:gz", not the
+    stream mode "r|gz": archives are concatenated gzip members (storage/tgz)
+    and tarfile's stream mode stops at the end of the first one."""
     out: dict[str, tuple[str, int | str]] = {}
-    with tarfile.open(archive, "r|gz") as tf:
+    with tarfile.open(archive, "r:gz") as tf:  # r|gz stops after the first gzip member
         for m in tf:
             name = m.name.rstrip("/")
             if m.issym():

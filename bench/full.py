@@ -46,7 +46,7 @@ class _Comparison:
         self.touch.write_text(f"{time.time_ns()}\n")
         cpu = cpu_seconds(self.srv.pid)
         elapsed, cp = run_timed([self.ctx.backhaul, "--json", "run", node_arg(self.node),
-                                 str(self.tree), "--wait"], env=self.srv.cli_env())
+                                 str(self.tree), "--wait", "--full"], env=self.srv.cli_env())
         self.server_cpu.append(cpu_seconds(self.srv.pid) - cpu)
         run = json.loads(cp.stdout)["run"]
         self.server_seconds.append(run["duration_seconds"])

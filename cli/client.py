@@ -310,8 +310,11 @@ class Client:
     def backups(self, target_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/targets/{_seg(target_id)}/backups")
 
-    def run(self, target_id: int, wait: bool = False, timeout: float | None = None) -> JSONDict:
+    def run(self, target_id: int, wait: bool = False, timeout: float | None = None,
+            full: bool = False) -> JSONDict:
         query: dict[str, Any] = {}
+        if full:
+            query["full"] = True
         http_timeout: float | None | _DefaultTimeout = _DEFAULT_TIMEOUT
         if wait:
             query["wait"] = True
@@ -372,6 +375,23 @@ class Client:
 
     def get_archive(self, archive_id: int) -> JSONDict:
         return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}")
+
+    def progress(self, target_id: int) -> JSONDict:
+        return self._json("GET", f"/api/v1/targets/{_seg(target_id)}/progress")
+
+    def list_entries(self, archive_id: int, path: str | None = None) -> JSONDict:
+        return self._json("GET", f"/api/v1/archives/{_seg(archive_id)}/entries", {"path": path})
+
+    def find(self, target_id: int, pattern: str) -> JSONDict:
+        # Reads the index of every kept archive: allow for a slow store.
+        return self._json(
+            "GET", f"/api/v1/targets/{_seg(target_id)}/find", {"pattern": pattern}, timeout=None
+        )
+
+    def stream_extract(self, archive_id: int, only: list[str]) -> tuple[Any, Any]:
+        """Open a tar.gz of just the ``only`` entries: ``(connection, response)``."""
+        path = f"/api/v1/archives/{_seg(archive_id)}/extract"
+        return self._open("POST", path, None, {"only": list(only)}, self.timeout, accept="*/*")
 
     def download(
         self,
@@ -668,6 +688,9 @@ def _query(query: Mapping[str, Any] | None) -> str:
     pairs = []
     for key, value in query.items():
         if value is None:
+            continue
+        if isinstance(value, list):  # a repeated parameter
+            pairs.extend((key, str(v)) for v in value)
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"

@@ -510,24 +510,15 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
                 r.get("status"),
                 r.get("trigger"),
                 output.human_size(r.get("bytes_transferred")),
+                r.get("transfer") or "-",
                 output.human_duration(r.get("duration_seconds")),
                 r.get("archive_id"),
                 error,
             )
         )
-    headers = (
-        "RUN",
-        "STARTED",
-        "NODE",
-        "PATH",
-        "STATUS",
-        "TRIGGER",
-        "BYTES",
-        "DURATION",
-        "ARCHIVE",
-        "ERROR",
-    )
-    click.echo(output.table(headers, rows, {0, 6, 7, 8}))
+    headers = ("RUN", "STARTED", "NODE", "PATH", "STATUS", "TRIGGER", "BYTES", "TRANSFER",
+               "DURATION", "ARCHIVE", "ERROR")
+    click.echo(output.table(headers, rows, {0, 6, 8, 9}))
 
 
 @main.command()
@@ -540,9 +531,12 @@ def history(state: State, address: Address | None, path: str | None, limit: int)
     metavar="SECONDS",
     help="With --wait: give up waiting after SECONDS.",
 )
+@click.option("--full", is_flag=True,
+              help="A true full backup: send the whole tree, not just what changed.")
 @json_option
 @click.pass_context
-def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: float | None) -> None:
+def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: float | None,
+        full: bool) -> None:
     """Back up PATH now."""
     if timeout is not None and not wait:
         raise click.UsageError("--timeout only makes sense with --wait", ctx)
@@ -550,7 +544,10 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
     assert state is not None
     client = state.client()
     target = client.resolve(address, path)
-    answer = client.run(target["id"], wait=wait, timeout=timeout)
+    from cli.progress import run_progress
+
+    with run_progress(client, target["id"], None if wait and not state.json else False):
+        answer = client.run(target["id"], wait=wait, timeout=timeout, full=full)
     label = f"{target.get('address')} {target.get('path')}"
     if state.json:
         _emit_json(answer)
@@ -569,6 +566,7 @@ def run(ctx: click.Context, address: Address, path: str, wait: bool, timeout: fl
                     f"({output.human_size(r.get('archive_size'))} stored), "
                     f"{output.human_size(r.get('bytes_transferred'))} transferred in "
                     f"{output.human_duration(r.get('duration_seconds'))}"
+                    + (f" ({r['transfer']})" if r.get("transfer") else "")
                 )
             else:
                 detail = "nothing changed since the last backup"
@@ -677,7 +675,7 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
                 output.human_size(c.get("size")),
                 mark(c.get("sha256_ok")),
                 mark(c.get("structure_ok")),
-                mark(c.get("index_ok")),
+                "rebuilt" if c.get("index_rebuilt") else mark(c.get("index_ok")),
                 str(c.get("status")).upper() if c.get("status") == "corrupt" else c.get("status"),
                 c.get("error") or "-",
             )
@@ -685,6 +683,9 @@ def verify(ctx: click.Context, archive_ids: tuple[int, ...], all_kept: bool) -> 
         ]
         headers = ("ARCHIVE", "TARGET", "SIZE", "SHA256", "GZIP/TAR", "INDEX", "RESULT", "ERROR")
         click.echo(output.table(headers, rows, {0, 1, 2}))
+    for c in results:
+        if c.get("note"):
+            click.echo(f"note: archive {c.get('archive_id')}: {output.clean(c['note'])}", err=True)
     corrupt = [c for c in results if c.get("status") == "corrupt"]
     if corrupt:
         ids = ", ".join(str(c.get("archive_id")) for c in corrupt)
@@ -772,7 +773,13 @@ def restore(
         tree_path = target.get("path")
     selection = safe.normalize_only(only, tree_path) if only else None
     root = safe.prepare_dest(to_dir, force)
-    conn, resp, total, announced = client.stream_archive(archive_id)
+    if selection:
+        # Just the selected entries, read through the archive's index on the
+        # server; gzip's CRC of every member is checked while extracting.
+        conn, resp = client.stream_extract(archive_id, selection)
+        total, announced = None, None
+    else:
+        conn, resp, total, announced = client.stream_archive(archive_id)
     try:
         with output.progress_bar(f"restoring archive {archive_id}", total) as bar:
             reader = safe.HashingReader(resp, bar, total)
@@ -783,7 +790,8 @@ def restore(
     finally:
         conn.close()
     actual = reader.digest.hexdigest()
-    for expected in {announced, backup.get("sha256")} - {None}:
+    wanted = {announced, None if selection else backup.get("sha256")} - {None}
+    for expected in wanted:
         if expected != actual:
             raise ClientError(
                 "checksum_mismatch",
@@ -932,3 +940,7 @@ def trust(state: State, address: Address, fingerprint: str | None) -> None:
         click.echo(
             f"forgot the pinned host key of {name}{was}; the next contact pins the key it presents"
         )
+
+
+# Commands kept in their own modules register on ``main`` when imported.
+from cli import browse as _browse  # noqa: E402,F401

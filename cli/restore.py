@@ -29,6 +29,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -224,7 +225,11 @@ def extract(
     ex = _Extractor(root, report)
     links: list[tuple[str, list[str], str]] = []  # (kind, parts, link)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|gz")
+        # Not mode "r|gz": tarfile's stream reader inflates only the first gzip
+        # member and then takes the end of it for the end of the archive, and
+        # backhaul's archives are many members.
+        gunzip = GunzipReader(stream)
+        tar = tarfile.open(fileobj=gunzip, mode="r|")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RestoreError(f"the archive cannot be read: {exc}") from None
     try:
@@ -260,6 +265,10 @@ def extract(
                 report.refused.append(f"{name}: {exc}")
             except OSError as exc:
                 raise RestoreError(f"cannot write {rel}: {exc.strerror or exc}") from None
+        # tarfile stops at the end-of-archive blocks: read the rest, so every
+        # member's CRC32 and length are checked and a cut-short stream is found.
+        while gunzip.read(CHUNK):
+            pass
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise RestoreError(f"the archive is corrupt or cut short: {exc}") from None
     finally:
@@ -301,6 +310,43 @@ def _drop_escaping_symlinks(root: str, created: list[str], report: RestoreReport
                 report.symlinks -= 1
                 report.refused.append(f"{os.path.relpath(path, root)}: symlink leads outside")
                 changed = True
+
+
+class GunzipReader:
+    """The raw bytes of a gzip stream of any number of members, read on
+    demand; each member's CRC32 and length are checked (zlib does, with
+    gzip framing), and a cut-short stream or trailing garbage is an error."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self._d = zlib.decompressobj(wbits=31)
+        self._pending = b""  # compressed bytes not given to the inflater yet
+        self._started = False  # the current member has received input
+        self._eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        want = CHUNK if n is None or n < 0 else max(n, 1)
+        while not self._eof:
+            if not self._pending:
+                self._pending = self.raw.read(CHUNK)
+                if not self._pending:
+                    if self._started or self._d.unconsumed_tail:
+                        raise tarfile.ReadError("the gzip stream is cut short")
+                    self._eof = True
+                    break
+            try:
+                out = self._d.decompress(self._pending, want)
+            except zlib.error as exc:
+                raise tarfile.ReadError(f"invalid gzip data: {exc}") from None
+            self._started = True
+            self._pending = self._d.unconsumed_tail
+            if self._d.eof:  # one member done: the next starts in unused_data
+                self._pending = self._d.unused_data
+                self._d = zlib.decompressobj(wbits=31)
+                self._started = False
+            if out:
+                return out
+        return b""
 
 
 class HashingReader:

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import metrics, options_api, validation, web
+from orchestrator import browse_api, metrics, options_api, progress_api, validation, web
 from orchestrator.errors import BackhaulError
 from orchestrator.guard import RequestGuard
 from orchestrator.restore import restore_to_node
@@ -153,7 +153,7 @@ def run_json(r: dict[str, Any]) -> dict[str, Any]:
         "trigger": r["trigger"], "bytes_transferred": r["bytes_transferred"],
         "archive_id": r["archive_id"], "archive_size": r.get("archive_size"),
         "error_code": r["error_code"], "message": r["message"],
-        "warnings": r["warnings"],
+        "warnings": r["warnings"], "transfer": r.get("transfer"),
         "duration_seconds": round((finished - started).total_seconds(), 3) if finished else None,
     }
 
@@ -317,8 +317,9 @@ def create_app(server: Server) -> FastAPI:
     @r.post("/targets/{target_id}/run", summary="back up now")
     def run(target_id: Id, wait: bool = False,
             timeout: float | None = Query(None, gt=0, le=7 * 86400, allow_inf_nan=False),
+            full: bool = Query(False, description="a true full backup, not a delta"),
             ) -> JSONResponse:
-        result = server.run_now(target_id, wait=wait, timeout=timeout)
+        result = server.run_now(target_id, wait=wait, timeout=timeout, full=full)
         if result is None:
             return JSONResponse({"target_id": target_id, "queued": True}, status_code=202)
         return JSONResponse({"run": run_json(result)})
@@ -377,4 +378,6 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(metrics.router(server))
     app.include_router(web.router(server))
     app.include_router(options_api.router(server), dependencies=[Depends(require_token)])
+    app.include_router(browse_api.router(server), dependencies=[Depends(require_token)])
+    app.include_router(progress_api.router(server), dependencies=[Depends(require_token)])
     return app

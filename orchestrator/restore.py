@@ -118,12 +118,30 @@ def restore_to_node(catalog: Catalog, store: ArchiveStore, pool: SSHPool, *,
     address = str(node)
     sent = 0
 
-    def chunks() -> Iterator[bytes]:
-        nonlocal sent
+    def whole() -> Iterator[bytes]:
         with open(path, "rb") as f:
             while data := f.read(CHUNK):
-                sent += len(data)
                 yield data
+
+    source = whole
+    if members:
+        # Only the gzip members holding the selection, through the index
+        # (orchestrator/browse.py imports this module, hence here).
+        from orchestrator.browse import open_listing, selected_stream, selection
+
+        listed = open_listing(catalog, store, archive_id)
+        picked, _hit = selection(listed, members)
+        if not picked:
+            raise RestoreError(f"not in archive {archive_id}: {', '.join(only)}")
+
+        def source() -> Iterator[bytes]:
+            return selected_stream(store, listed, picked)
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        for data in source():
+            sent += len(data)
+            yield data
 
     with pool.session(node) as conn:
         prep = conn.exec(remote.restore_prepare_command(dest, force=force),
@@ -142,7 +160,9 @@ def _holds_one_file(path: Path) -> bool:
     """Whether the archive is of a single file (a target that is a file): its
     first member is then not a directory, and nothing is stripped from it."""
     try:
-        with tarfile.open(path, mode="r|gz") as tar:
+        # "r:gz", not "r|gz": tarfile's stream mode stops at the end of the
+        # first gzip member, and archives are many members.
+        with tarfile.open(path, mode="r:gz") as tar:
             first = tar.next()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RestoreError(f"the stored archive cannot be read: {exc}") from None

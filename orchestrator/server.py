@@ -85,7 +85,8 @@ class Server:
                                    throttle=bucket.take if bucket else None,
                                    use_pigz=settings.compressor == "auto",
                                    hooks=Hooks(self.catalog, timeout=settings.hook_timeout),
-                                   limits=limits)
+                                   limits=limits, full_every=settings.full_every,
+                                   use_node_python=settings.node_python == "auto")
         self.sender = Sender(max_queue=settings.notify_queue)
         self.notifier = Notifier(self.catalog, self.sender, settings.notify_url,
                                  repeat_seconds=settings.notify_repeat, clock=clock)
@@ -362,14 +363,14 @@ class Server:
             log.exception("probe of node %s crashed", node_id)
 
     def run_now(self, target_id: int, *, wait: bool,
-                timeout: float | None = None) -> dict[str, Any] | None:
+                timeout: float | None = None, full: bool = False) -> dict[str, Any] | None:
         """Back up now (the API's ``run``). With ``wait``, returns the run row."""
         target = self.catalog.get_target(target_id)
         if not target.active:
             raise TargetInactive(target_id)
 
         def manual() -> RunResult:
-            result = self.engine.run(target_id, "manual", queue=True)
+            result = self.engine.run(target_id, "manual", queue=True, full=full)
             try:
                 self.after_run(target, result)
             except Exception:  # noqa: BLE001

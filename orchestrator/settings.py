@@ -44,6 +44,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -127,6 +134,16 @@ SETTINGS: tuple[Setting, ...] = (
             parse_size),
     Setting("compressor", "auto", "`auto`: pigz on nodes that have it (detected once per "
             "connection), else gzip; `gzip`: always gzip", _choice("auto", "gzip")),
+    # 0: a composed (delta) archive is verified against the node before it is
+    # kept (listing + a sha256 per reassembled file) and unchanged entries are
+    # recognised by their ctime, which user space cannot set back; a periodic
+    # full would only re-send what is already proven.
+    Setting("full_every", "0", "every Nth backup of a target is a true full one instead of "
+            "a delta (0 = only when needed: first backup, `run --full`, or a delta that "
+            "would cost more)", _non_negative_int),
+    Setting("node_python", "auto", "`auto`: use python3 on nodes that have it for block "
+            "hashing (detected once per connection); `off`: coreutils only",
+            _choice("auto", "off")),
     Setting("connect_timeout", "10", "seconds to connect, read the banner and authenticate",
             _positive_float),
     Setting("io_timeout", "60", "seconds without a byte from a node before a run fails "

@@ -55,6 +55,8 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
 WINDOW_SIZE = 8 * 1024 * 1024
 MAX_PACKET = 256 * 1024
 READ_SIZE = WINDOW_SIZE
+# Output collected in memory (no sink) beyond this is refused: such commands
+# print a digest or a compressed listing, never an archive.
 # sshd's MaxSessions is 10 and opens were rejected at 8 concurrent channels.
 CHANNELS_PER_TRANSPORT = 4
 
@@ -219,6 +221,7 @@ class Connection:
         self.last_used = time.monotonic()
         self.in_use = 0
         self._pigz: bool | None = None
+        self._python: bool | None = None
         self._lock = threading.Lock()
 
     @property
@@ -246,6 +249,13 @@ class Connection:
             self._pigz = res.stdout.strip() == b"yes"
         return self._pigz
 
+    def has_python(self) -> bool:
+        """python3 on the node (batch hashing); detected once per connection."""
+        if self._python is None:
+            res = self.exec(remote.has_python_command(), what="python check")
+            self._python = res.stdout.strip() == b"yes"
+        return self._python
+
     def _open_channel(self) -> paramiko.Channel:
         delay = 0.05
         for attempt in range(6):
@@ -269,10 +279,12 @@ class Connection:
 
     def exec(self, command: str, *, sink: Callable[[bytes], None] | None = None,
              what: str = "command", stderr_limit: int = 64 * 1024,
-             timeout: float | None = None, deadline: Deadline | None = None) -> ExecResult:
+             timeout: float | None = None, deadline: Deadline | None = None,
+             stdin: bytes | None = None) -> ExecResult:
         """Run ``command``; stream stdout to ``sink`` (or collect it, at most
         ``output_limit`` bytes), drain stderr concurrently (bounded), and
-        return the exit status.
+        return the exit status. ``stdin`` is written whole and then closed
+        (per-run data for fixed commands).
 
         Raises ``Timeout`` when no byte arrives for ``timeout`` seconds,
         ``RunTimeout`` when ``deadline`` passes, ``OutputTooLarge`` past the
@@ -284,7 +296,8 @@ class Connection:
             with self._lock:
                 self.in_use += 1
             try:
-                return self._exec(command, sink, what, stderr_limit, timeout, deadline)
+                return self._exec(command, sink, what, stderr_limit, timeout, deadline,
+                                  stdin)
             finally:
                 with self._lock:
                     self.in_use -= 1
@@ -300,7 +313,8 @@ class Connection:
         return min(timeout, left)
 
     def _exec(self, command: str, sink: Callable[[bytes], None] | None, what: str,
-              stderr_limit: int, timeout: float, deadline: Deadline | None) -> ExecResult:
+              stderr_limit: int, timeout: float, deadline: Deadline | None,
+              stdin: bytes | None = None) -> ExecResult:
         chan = self._open_channel()
         collected = bytearray()
         total = 0
@@ -312,6 +326,12 @@ class Connection:
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise UnreachableNode(str(self.node), f"exec failed: {exc}") from exc
             drain.start()
+            if stdin is not None:
+                # A thread, so a command that answers before reading all its
+                # input cannot deadlock against our full send window.
+                feeder = threading.Thread(target=_feed, args=(chan, stdin), daemon=True,
+                                          name="ssh-stdin")
+                feeder.start()
             while True:
                 wait = self._wait(timeout, deadline, what)
                 chan.settimeout(wait)
@@ -397,6 +417,12 @@ class Connection:
             finally:
                 with contextlib.suppress(Exception):
                     chan.close()
+
+
+def _feed(chan: paramiko.Channel, data: bytes) -> None:
+    with contextlib.suppress(Exception):  # the reader sees the command fail
+        chan.sendall(data)
+        chan.shutdown_write()
 
 
 # -- the pool ----------------------------------------------------------------------

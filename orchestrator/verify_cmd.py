@@ -3,9 +3,10 @@
 Each check reads the archive file once and compares it with what the catalog
 recorded when it was committed: the sha256 and size, then the gzip and tar
 structure (the same streaming verifier a run uses while receiving), then the
-index (a hook until archives carry one). The outcome is stored on the archive
-row (``verify_status``, ``verified_at``, ``verify_error``), so a corrupt archive
-shows as such in ``backups`` and is never again taken for a good one.
+index (storage/index_check.py; a damaged one of a good archive is rebuilt).
+The outcome is stored on the archive row (``verify_status``, ``verified_at``,
+``verify_error``), so a corrupt archive shows as such in ``backups`` and is
+never again taken for a good one.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import logging
 import posixpath
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from storage.archives import ArchiveStore
 from storage.catalog import Catalog
 from storage.errors import InvalidArchive, StorageError
+from storage.index_check import index_problem
 from storage.verify import TarGzVerifier
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ class ArchiveCheck:
     size: int
     sha256_ok: bool | None
     structure_ok: bool | None  # gzip framing and CRC, tar headers, names under the root
-    index_ok: bool | None  # None: the archive has no index to check
+    index_ok: bool | None  # None: not checked (the archive was not read)
     error: str | None
+    index_rebuilt: bool = False  # a missing or damaged index was rebuilt
+    note: str | None = None  # what was repaired
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,21 +90,43 @@ def check_archive(catalog: Catalog, store: ArchiveStore, archive: dict[str, Any]
                       f"catalog's {archive['sha256'][:12]} and {archive['size']}")
     if structure_error is not None:
         errors.append(structure_error)
-    index_error = check_index(archive, path)
-    if index_error is not None:
-        errors.append(index_error)
+    index = check_index(store, archive, digest.hexdigest(), size, not errors)
+    note = None
+    if index.rebuilt:  # the archive is good and its index whole again
+        note = index.error
+    elif index.error is not None:
+        errors.append(index.error)
     check = ArchiveCheck(aid, tid, "corrupt" if errors else "ok", size, sha_ok,
-                         structure_error is None, None if index_error is None else False,
-                         "; ".join(errors) or None)
+                         structure_error is None, index.ok, "; ".join(errors) or None,
+                         index.rebuilt, note)
     return _record(catalog, check)
 
 
-def check_index(archive: dict[str, Any], path: Path) -> str | None:
-    """Index consistency: the hook for the per-archive index (same stem as the
-    archive). Once archives carry one, check here that it exists, parses, and
-    that every entry's offset, length and content hash match the archive's
-    bytes; return a one-line error or None. Archives without an index pass."""
-    return None
+@dataclass(frozen=True)
+class IndexCheck:
+    ok: bool
+    error: str | None  # what was wrong with it
+    rebuilt: bool  # and it was rebuilt from the (good) archive
+
+
+def check_index(store: ArchiveStore, archive: dict[str, Any], sha256: str, size: int,
+                archive_good: bool) -> IndexCheck:
+    """Index consistency (storage/index_check.py). A missing or damaged index
+    of a good archive is rebuilt from the archive and reported; that of a
+    corrupt archive is only reported (rebuilding from bad bytes helps nobody)."""
+    file_name = archive["file_name"]
+    problem = index_problem(store, file_name, sha256, size)
+    if problem is None:
+        return IndexCheck(True, None, False)
+    if not archive_good:
+        return IndexCheck(False, f"index: {problem}", False)
+    log.warning("archive %s: %s; rebuilding its index", archive["id"], problem)
+    try:
+        store.rebuild_index(file_name)
+    except StorageError as exc:
+        return IndexCheck(False, f"index: {problem}; it cannot be rebuilt: {exc.message}",
+                          False)
+    return IndexCheck(False, f"index: {problem}; rebuilt from the archive", True)
 
 
 def _record(catalog: Catalog, check: ArchiveCheck) -> ArchiveCheck:
@@ -162,7 +187,8 @@ class Scrubber:
                 check = check_archive(self.catalog, self.store, archive,
                                       archive_root(self.catalog, archive))
                 message = (f"scrub of archive {check.archive_id}: "
-                           + ("ok" if check.status == "ok" else f"CORRUPT: {check.error}"))
+                           + ("ok" if check.status == "ok" else f"CORRUPT: {check.error}")
+                           + (f" ({check.note})" if check.note else ""))
                 self.catalog.record_check_run(archive["target_id"], "scrub",
                                               archive_id=archive["id"], started_at=started,
                                               ok=check.status == "ok", message=message)

@@ -12,6 +12,10 @@ command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v tar >/dev/null 2>&1 || need+=(tar)
 command -v gzip >/dev/null 2>&1 || need+=(gzip)
 command -v pigz >/dev/null 2>&1 || need+=(pigz)
+# bsdtar: an independent reader of the archives backhaul writes (tests).
+command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
+# rsync: the baseline of the benchmark's delta section (bench/delta.py).
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 # Real servers the monitoring tests run: Prometheus (with promtool) and a

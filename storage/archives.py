@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -20,10 +21,23 @@ from pathlib import Path
 from types import TracebackType
 
 from storage.catalog import Catalog
-from storage.errors import ArchiveWriteError
+from storage.errors import ArchiveWriteError, InvalidArchive, StorageError
+from storage.tgz.index import ArchiveIndex, InvalidIndex
+from storage.tgz.reader import rebuild_index
+
+log = logging.getLogger(__name__)
 
 TEMP_MARK = ".partial-"
+ARCHIVE_SUFFIX = ".tar.gz"
+INDEX_SUFFIX = ".index"
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]")
+
+
+def index_name(file_name: str) -> str:
+    """The index file beside an archive: same directory, same stem."""
+    if not file_name.endswith(ARCHIVE_SUFFIX):
+        raise ValueError(f"{file_name!r} is not an archive name")
+    return file_name[:-len(ARCHIVE_SUFFIX)] + INDEX_SUFFIX
 
 
 def node_dir_name(user: str, host: str, port: int) -> str:
@@ -76,8 +90,17 @@ class ArchiveWriter:
         except OSError as exc:
             raise ArchiveWriteError(_describe(exc, f"cannot write {self.final_name}")) from exc
 
-    def commit(self) -> ArchiveFacts:
+    def commit(self, index: ArchiveIndex | None = None) -> ArchiveFacts:
+        """Makes the archive durable and visible; with ``index``, its index
+        first (the index learns the archive's sha256 and size here)."""
         assert self._fd is not None, "writer already closed"
+        if index is not None:
+            digest = self._hash.hexdigest()
+            if index.archive_sha256 not in (None, digest) or (
+                    index.archive_size and index.archive_size != self.size):
+                raise ArchiveWriteError(f"the index of {self.final_name} describes other bytes")
+            index.archive_sha256, index.archive_size = digest, self.size
+            self._store._write_index(self.final_name, index)
         try:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -86,6 +109,8 @@ class ArchiveWriter:
             self._done = True
             _fsync_dir(self._dir)
         except OSError as exc:
+            if index is not None and not self._done:
+                self._store._unlink(index_name(self.final_name))
             raise ArchiveWriteError(_describe(exc, f"cannot commit {self.final_name}")) from exc
         return ArchiveFacts(self.final_name, self.size, self._hash.hexdigest(), self.created_at)
 
@@ -140,6 +165,13 @@ class ArchiveStore:
         return path
 
     def delete(self, file_name: str) -> None:
+        """Deletes an archive and then its index (an index left alone by a
+        crash in between is swept at the next start)."""
+        self._unlink(file_name)
+        if file_name.endswith(ARCHIVE_SUFFIX):
+            self._unlink(index_name(file_name))
+
+    def _unlink(self, file_name: str) -> None:
         try:
             os.unlink(self.path_of(file_name))
         except FileNotFoundError:
@@ -147,9 +179,81 @@ class ArchiveStore:
         except OSError as exc:
             raise ArchiveWriteError(_describe(exc, f"cannot delete {file_name}")) from exc
 
+    def _write_index(self, file_name: str, index: ArchiveIndex) -> None:
+        """Temp + fsync + rename + directory fsync, like an archive."""
+        name = index_name(file_name)
+        final = self.path_of(name)
+        tmp = final.parent / f".{final.name}{TEMP_MARK}{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "xb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                index.dump(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ArchiveWriteError(_describe(exc, f"cannot write the index of {file_name}")) \
+                from exc
+
+    def read_range(self, file_name: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of a stored file from ``offset`` (fewer at its end)."""
+        try:
+            fd = os.open(self.path_of(file_name), os.O_RDONLY)
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
+
+    def load_index(self, file_name: str) -> ArchiveIndex:
+        """The archive's index; a missing or damaged one (or one describing
+        other bytes) is rebuilt from the archive and written back."""
+        path = self.path_of(file_name)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
+        try:
+            with open(self.path_of(index_name(file_name)), "rb") as f:
+                index = ArchiveIndex.load(f)
+            if index.archive_size == size:
+                return index
+            reason = "it describes an archive of another size"
+        except FileNotFoundError:
+            reason = "it is missing"
+        except (OSError, InvalidIndex) as exc:
+            reason = str(exc)
+        log.warning("rebuilding the index of %s: %s", file_name, reason)
+        return self.rebuild_index(file_name)
+
+    def rebuild_index(self, file_name: str) -> ArchiveIndex:
+        """A new index from the archive alone, written in place of the old one."""
+        path = self.path_of(file_name)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ArchiveWriteError(_describe(exc, f"cannot read {file_name}")) from exc
+        with open(path, "rb") as f:
+            def read(offset: int, length: int) -> bytes:
+                return os.pread(f.fileno(), length, offset)
+            try:
+                index = rebuild_index(read, size)
+            except InvalidArchive as exc:
+                raise StorageError(f"archive {file_name} is damaged: {exc.message}") from None
+        self._write_index(file_name, index)
+        return index
+
     def files(self) -> set[str]:
         """Every committed archive file, relative to the root."""
         return {p.relative_to(self.root).as_posix() for p in self.root.glob("*/*/*.tar.gz")
+                if TEMP_MARK not in p.name}
+
+    def index_files(self) -> set[str]:
+        """Every committed index file, relative to the root."""
+        return {p.relative_to(self.root).as_posix() for p in self.root.glob(f"*/*/*{INDEX_SUFFIX}")
                 if TEMP_MARK not in p.name}
 
     def sweep_temp_files(self) -> list[Path]:
@@ -166,7 +270,11 @@ class ArchiveStore:
         stray = sorted(self.files() - listed)
         for name in stray:
             self.delete(name)
-        return stray
+        kept = {index_name(n) for n in self.files()}
+        orphans = sorted(self.index_files() - kept)
+        for name in orphans:  # a crash between the index's and the archive's rename
+            self._unlink(name)
+        return stray + orphans
 
 
 def rotate(catalog: Catalog, store: ArchiveStore, target_id: int, keep: int) -> list[int]:

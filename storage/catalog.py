@@ -28,6 +28,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from storage import dialect, migrations
 from storage.errors import CatalogError, CatalogUnavailable, NotFound, TargetExists
 
+TRANSFERS = ("full", "delta", "none")
+
 RUN_STATUSES = ("running", "success", "unchanged", "failed", "interrupted")
 
 
@@ -105,6 +107,9 @@ targets = sa.Table(
     # The newest finished run, kept here so listing 10,000 targets does not
     # scan the (never pruned) run log.
     sa.Column("last_run_id", sa.Integer),
+    # The node's clock when the newest archive's listing was taken: the next
+    # scan asks for entries changed since then (orchestrator/transfer).
+    sa.Column("last_node_time", sa.String(32)),
 )
 # One active registration per (node, path); unregistered rows stay for history.
 sa.Index(
@@ -134,6 +139,8 @@ runs = sa.Table(
     sa.Column("message", sa.Text),
     sa.Column("warnings", sa.Text),
     sa.Column("fingerprint", sa.String(64)),
+    # How the run moved data: full | delta | none (unchanged); NULL when failed.
+    sa.Column("transfer", sa.String(8)),
 )
 sa.Index("ix_runs_status", runs.c.status)
 
@@ -232,6 +239,7 @@ class Target:
     last_fingerprint: str | None
     failures: int
     next_retry_at: dt.datetime | None
+    last_node_time: str | None = None
 
     @property
     def active(self) -> bool:
@@ -465,7 +473,8 @@ class Catalog:
             id=m["id"], node=_node(m, "n_"), path=m["path"],
             every_minutes=m["every_minutes"], keep=m["keep"], created_at=m["created_at"],
             unregistered_at=m["unregistered_at"], last_fingerprint=m["last_fingerprint"],
-            failures=m["failures"], next_retry_at=m["next_retry_at"])
+            failures=m["failures"], next_retry_at=m["next_retry_at"],
+            last_node_time=m.get("last_node_time"))
 
     def get_target(self, target_id: int) -> Target:
         with self._tx(write=False) as conn:
@@ -607,7 +616,7 @@ class Catalog:
         with self._tx() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
                 status="unchanged", finished_at=self.clock(), fingerprint=fingerprint,
-                bytes_transferred=bytes_transferred))
+                bytes_transferred=bytes_transferred, transfer="none"))
             conn.execute(targets.update().where(targets.c.id == target_id)
                          .values(failures=0, next_retry_at=None, last_run_id=run_id))
 
@@ -624,7 +633,8 @@ class Catalog:
 
     def commit_archive(self, run_id: int, target_id: int, *, created_at: dt.datetime,
                        size: int, sha256: str, file_name: str, fingerprint: str,
-                       bytes_transferred: int, warnings: str | None) -> int:
+                       bytes_transferred: int, warnings: str | None,
+                       transfer: str = "full", node_time: str | None = None) -> int:
         """Archive row + run row + target fingerprint in one transaction."""
         with self._tx() as conn:
             aid = conn.execute(archives.insert().values(
@@ -634,9 +644,10 @@ class Catalog:
             conn.execute(runs.update().where(runs.c.id == run_id).values(
                 status="success", finished_at=self.clock(), archive_id=aid,
                 fingerprint=fingerprint, bytes_transferred=bytes_transferred,
-                warnings=warnings))
+                warnings=warnings, transfer=transfer))
             conn.execute(targets.update().where(targets.c.id == target_id).values(
-                last_fingerprint=fingerprint, failures=0, next_retry_at=None, last_run_id=run_id))
+                last_fingerprint=fingerprint, failures=0, next_retry_at=None, last_run_id=run_id,
+                last_node_time=node_time))
             return aid
 
     def interrupt_running(self) -> list[int]:
@@ -681,6 +692,18 @@ class Catalog:
             q = q.where(runs.c.status == status)
         with self._tx(write=False) as conn:
             return [_row(r) for r in conn.execute(q.order_by(runs.c.id.desc()).limit(limit))]
+
+    def deltas_since_full(self, target_id: int) -> int:
+        """Successful delta runs of the target since its newest full one."""
+        q = (sa.select(runs.c.transfer).where(runs.c.target_id == target_id)
+             .where(runs.c.status == "success").order_by(runs.c.id.desc()).limit(10_000))
+        n = 0
+        with self._tx(write=False) as conn:
+            for transfer in conn.execute(q).scalars():
+                if transfer != "delta":
+                    break
+                n += 1
+        return n
 
     def count_runs(self, target_id: int) -> int:
         with self._tx(write=False) as conn:

@@ -83,17 +83,22 @@ class BoundedInflater:
 
     def _account(self, n: int) -> None:
         self.bytes_out += n
-        lim = self.limits
-        if lim.max_uncompressed and self.bytes_out > lim.max_uncompressed:
-            raise ArchiveTooLarge(
-                f"the archive inflates to more than {format_size(lim.max_uncompressed)} "
-                "(--max-uncompressed-size); nothing was kept")
-        if lim.max_ratio and self.bytes_out > lim.ratio_floor \
-                and self.bytes_out > lim.max_ratio * max(self.bytes_in, 1):
-            raise ArchiveTooLarge(
-                f"the archive inflates more than {lim.max_ratio:g}:1 "
-                f"({format_size(self.bytes_in)} to over {format_size(self.bytes_out)}; "
-                "a gzip bomb? see --max-compression-ratio); nothing was kept")
+        check_inflation(self.limits, self.bytes_in, self.bytes_out)
+
+
+def check_inflation(lim: ArchiveLimits, bytes_in: int, bytes_out: int) -> None:
+    """Raise ``ArchiveTooLarge`` once ``bytes_out`` inflated from ``bytes_in``
+    crosses the size or ratio cap of ``lim`` (a gzip bomb)."""
+    if lim.max_uncompressed and bytes_out > lim.max_uncompressed:
+        raise ArchiveTooLarge(
+            f"the archive inflates to more than {format_size(lim.max_uncompressed)} "
+            "(--max-uncompressed-size); nothing was kept")
+    if lim.max_ratio and bytes_out > lim.ratio_floor \
+            and bytes_out > lim.max_ratio * max(bytes_in, 1):
+        raise ArchiveTooLarge(
+            f"the archive inflates more than {lim.max_ratio:g}:1 "
+            f"({format_size(bytes_in)} to over {format_size(bytes_out)}; "
+            "a gzip bomb? see --max-compression-ratio); nothing was kept")
 
 
 class TarGzVerifier:
@@ -126,6 +131,18 @@ class TarGzVerifier:
         for out in self._inflater.feed(data):
             self.raw_bytes += len(out)
             self._tar(out)
+
+    def feed_raw(self, raw: bytes) -> None:
+        """The tar layer alone, for a caller that inflates the stream itself."""
+        self.raw_bytes += len(raw)
+        self._tar(raw)
+
+    def finish_raw(self) -> None:
+        """``finish`` for a stream fed through ``feed_raw``."""
+        if not self.end_seen:
+            raise InvalidArchive("the tar archive is truncated (no end-of-archive marker)")
+        if self.members == 0:
+            raise InvalidArchive("the archive holds no files")
 
     def finish(self) -> None:
         for out in self._inflater.finish():

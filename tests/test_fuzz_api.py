@@ -66,6 +66,10 @@ OPERATIONS: list[tuple[str, str, str | None]] = [
     # A restore reaches only nodes in the catalog (host key pinned): fuzzed
     # hosts are loopback and fuzzed ports miss the one real node.
     ("post", "/api/v1/archives/{archive_id}/restore", None),
+    ("get", "/api/v1/archives/{archive_id}/entries", None),
+    ("get", "/api/v1/targets/{target_id}/find", None),
+    ("post", "/api/v1/archives/{archive_id}/extract", None),
+    ("get", "/api/v1/targets/{target_id}/progress", None),
 ]
 
 

@@ -78,7 +78,7 @@ def test_failing_pre_fails_the_run_with_its_stderr(live: LiveServer, node: SSHD,
     assert len(live.api("GET", f"/targets/{t['id']}/backups").json()["backups"]) == before
     # Logged once at WARNING with run id, target and node.
     lines = [x for x in live.log().splitlines()
-             if f"run {failed['id']} target {t['id']} {t['address']}" in x]
+             if f"run {failed['id']} target {t['id']} node {t['address']}" in x]
     assert len(lines) == 1 and " WARNING " in lines[0] and "pre_command_failed" in lines[0]
 
     # Optional: the same failure is logged and the backup goes on.

@@ -197,7 +197,10 @@ HOSTILE_NODE_SCRIPT = """#!/bin/sh
 printf '%s\\n' "$SSH_ORIGINAL_COMMAND" >> {log}
 case "$SSH_ORIGINAL_COMMAND" in
   *"command -v pigz"*) echo no ;;
+  *"date +%s.%N"*) date +%s.%N
+    printf '%s  -\\n' "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')" ;;
   *sha256sum*) printf '%s  -\\n' "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')" ;;
+  *"sort -z | gzip"*) : | gzip ;;
   *"tar "*) cat {payload} ;;
   *"echo backhaul-ok"*) echo backhaul-ok ;;
   *) echo "hostile node: unexpected command" >&2; exit 127 ;;
@@ -393,5 +396,10 @@ def test_hostile_node_control_a_wellformed_stream_is_kept(eng: Engine,
     result, listed = _run_hostile_node(eng, hostile_node, good)
     assert result.status == "success", result
     assert len(listed) == 1 and len(eng.archive_files()) == 1
-    assert eng.archive_files()[0].read_bytes() == good
+    # Re-framed into member-aligned gzip on the way in: the same tar entries.
+    def members(data: bytes) -> list[tuple]:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            return [(m.name, m.type, m.linkname,
+                     tar.extractfile(m).read() if m.isfile() else None) for m in tar]
+    assert members(eng.archive_files()[0].read_bytes()) == members(good)
     assert eng.temp_files() == []

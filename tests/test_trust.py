@@ -20,7 +20,9 @@ def test_changed_host_key_needs_an_explicit_trust(tmp_path: Path, server_key: Se
         srv = LiveServer(tmp_path / "srv", server_key).start()
         try:
             t = srv.register(sshd, app, every=60)
-            srv.wait_for(lambda: srv.runs(t["id"]), 15, "first run")
+            # finished, so restarting sshd below cannot cut the first backup short
+            srv.wait_for(lambda: [r for r in srv.runs(t["id"]) if r["status"] == "success"],
+                         15, "first run")
             old = sshd.host_key_fingerprint
             assert srv.api("GET", "/nodes").json()["nodes"][0]["host_key_fingerprint"] == old
             sshd.regenerate_host_key()
