@@ -31,7 +31,7 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("paramiko", "apscheduler", "alembic"):
+    for noisy in ("paramiko", "apscheduler", "alembic", "procrastinate"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
