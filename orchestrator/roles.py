@@ -108,8 +108,13 @@ def _lead(server: Server) -> None:
         log.exception("the leader could not start scheduling; stopping")
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    def sweep(target_id: int, run_ids: list[int]) -> None:
+        for p in server.store.sweep_run_temp_files(target_id, run_ids):
+            log.warning("removed the temp file %s of a dead worker's run", p)
+
     Reaper(server.catalog.url, server.catalog, stall_timeout=s.stall_timeout,
-           every=min(1.0, s.stall_timeout / 4), stopping=server._stopping).start()
+           every=min(1.0, s.stall_timeout / 4), stopping=server._stopping,
+           after_interrupt=sweep).start()
     log.info("leading: %d active targets scheduled", len(known))
     while not server._stopping.wait(s.sync_every):
         try:

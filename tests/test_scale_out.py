@@ -91,6 +91,8 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
         done = api.wait_for(lambda: [r for r in api.runs(big["id"])
                                      if r["status"] == "success"], 40,
                             "the redelivered run completed by the other worker")[0]
+        partial = f".*-{killed['id']}.tar.gz.partial-*"
+        assert not list((shared / "archives").rglob(partial)), "the dead run's temp file"
         assert done["id"] > killed["id"]
         assert done["scheduled_at"] == killed["scheduled_at"]  # the same due run
         assert f"target {big['id']}: the worker running job" in "".join(
@@ -101,6 +103,12 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
         for t in small:
             api.wait_for(lambda t=t: any(r["status"] == "success" for r in api.runs(t["id"])),
                          20, f"a run of target {t['id']}")
+
+        # backhaul run --wait through the api process: queued, run by a worker
+        r = api.api("POST", f"/targets/{small[2]['id']}/run", params={"wait": "true"})
+        assert r.status_code == 200, r.text
+        assert r.json()["run"]["trigger"] == "manual"
+        assert r.json()["run"]["status"] in ("success", "unchanged"), r.text
 
         # kill -9 the leader: the standby takes over within 10 s
         leader.kill()

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import procrastinate
 import psycopg
 import sqlalchemy as sa
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+from procrastinate.jobs import Status
 
 from orchestrator import jobs
 from storage import dialect
@@ -297,7 +298,7 @@ class Reaper:
 
     def __init__(self, url: str, catalog: Catalog, *, stall_timeout: float,
                  every: float, stopping: threading.Event,
-                 after_interrupt: Callable[[int], None] | None = None) -> None:
+                 after_interrupt: Callable[[int, list[int]], None] | None = None) -> None:
         self.url = url
         self.catalog = catalog
         self.stall_timeout = stall_timeout
@@ -326,12 +327,24 @@ class Reaper:
         manager = app.job_manager
         await manager.prune_stalled_workers(self.stall_timeout)
         for job in await manager.get_stalled_jobs(seconds_since_heartbeat=self.stall_timeout):
-            if job.task_name == RUN_TASK:
-                tid = int(job.task_kwargs["target_id"])
-                ids = await asyncio.to_thread(self.catalog.interrupt_running, tid)
-                log.warning("target %s: the worker running job %s stopped heartbeating: "
-                            "runs %s recorded interrupted, the job queued again", tid, job.id,
-                            ids)
-                if self.after_interrupt is not None:
-                    await asyncio.to_thread(self.after_interrupt, tid)
+            try:
+                await self._requeue(manager, job)
+            except Exception:  # noqa: BLE001 - the other stalled jobs still get theirs
+                log.exception("requeueing stalled job %s failed", job.id)
+
+    async def _requeue(self, manager: Any, job: Any) -> None:
+        if job.task_name == RUN_TASK:
+            tid = int(job.task_kwargs["target_id"])
+            ids = await asyncio.to_thread(self.catalog.interrupt_running, tid)
+            log.warning("target %s: the worker running job %s stopped heartbeating: "
+                        "runs %s recorded interrupted, the job queued again", tid, job.id, ids)
+            if self.after_interrupt is not None:
+                await asyncio.to_thread(self.after_interrupt, tid, ids)
+        try:
             await manager.retry_job(job)
+        except UniqueViolation:
+            # A later job with the same queueing lock already waits (the next
+            # due run came while this one was stalled): it covers this run,
+            # late rather than lost. This one ends, freeing the target's lock.
+            await manager.finish_job(job, status=Status.FAILED, delete_job=False)
+            log.info("stalled job %s: a waiting job of the same target covers it", job.id)
