@@ -16,6 +16,7 @@ from conftest import LiveServer
 from fixtures.postgres import PostgresCluster
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
+from storage.dialect import owner_lock_key
 
 pytest.importorskip("procrastinate")
 
@@ -141,6 +142,15 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
             spans.sort()
             for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
                 assert end <= start, "the per-node limit was exceeded"
+
+        # A leader whose lock connection is cut stops scheduling and exits.
+        key = owner_lock_key("scheduler")
+        database = url.rsplit("/", 1)[1]
+        pg.sql(database, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+               f"locktype = 'advisory' AND objid = {key} AND objsubid = 1 AND granted")
+        standby.wait_for(lambda: standby.proc.poll() is not None, 10,
+                         "the leader that lost its lock to exit")
+        assert "scheduling stops now" in standby.log()
     finally:
         for p in procs:
             if p.proc is not None:
