@@ -157,3 +157,35 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
                 p.stop(timeout=20)
     for p in (api, standby, survivor):
         assert "Traceback" not in p.log(), p.log()[-3000:]
+
+
+def test_a_node_down_at_registration_is_probed_by_workers_and_backed_up_when_up(
+        tmp_path: Path, server_key: ServerKey, own_node: SSHD, pg: PostgresCluster) -> None:
+    """Node probes and the catch-up after them are queued jobs: registered
+    through the api process while its node is down, the target is backed up
+    by a worker once the node answers, with no process restarted."""
+    url = pg.create_database()
+    shared = tmp_path / "shared"
+    procs = [Role(name, shared, server_key, url, role, retry_max=2)
+             for name, role in (("api", "api"), ("sched", "scheduler"), ("worker", "worker"))]
+    api, _, worker = procs
+    try:
+        for p in procs:
+            p.start(timeout=30)
+        own_node.stop()
+        r = api.api("POST", "/targets", json={
+            "host": own_node.host, "port": own_node.port, "user": own_node.user,
+            "path": str(tree(tmp_path / "app")), "every_minutes": 600})
+        assert r.status_code == 201, r.text
+        assert "probes the node" in " ".join(r.json()["warnings"])
+        tid = r.json()["target"]["id"]
+        worker.wait_for(lambda: " failed (unreachable); next in" in worker.log(), 20,
+                        "a worker probing the node again and again")
+        assert not [x for x in api.runs(tid) if x["status"] == "success"]
+        own_node.start()
+        api.wait_for(lambda: [x for x in api.runs(tid) if x["status"] == "success"], 30,
+                     "the target backed up once its node answers")
+    finally:
+        for p in procs:
+            if p.proc is not None:
+                p.stop(timeout=20)
