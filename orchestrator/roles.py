@@ -79,19 +79,25 @@ def _lead(server: Server) -> None:
     from orchestrator.scheduler import Scheduler
     from orchestrator.server import job_store_url
 
+    leading: list[Any] = []  # the Scheduler, once there is one
+
     def lost() -> None:
-        scheduler.aps.pause()
+        for scheduler in leading:
+            if scheduler.aps.running:
+                scheduler.aps.pause()
         # Leading again needs a fresh lock and job store state: exit, and let
         # the supervisor start this process again (as a standby).
         os.kill(os.getpid(), signal.SIGTERM)
 
     s = server.settings
     leadership = Leadership(server.catalog.url, check_every=s.leader_check, on_lost=lost)
-    server._on_stop.append(leadership.release)
     if not leadership.wait(server._stopping):
         return
     scheduler = Scheduler(job_store_url(server.catalog.url, server.data_dir),
                           workers=s.workers, minute_seconds=s.minute_seconds)
+    leading.append(scheduler)
+    # Released by the Scheduler's shutdown, after APScheduler has stopped:
+    # a standby must not start scheduling while this one still fires.
     scheduler.owned_by(leadership)
     try:
         scheduler.start(paused=True)
