@@ -4,10 +4,11 @@ PostgreSQL and 5 sshd nodes on loopback.
 
     .venv/bin/python -m bench.scale [--targets 50] [--seconds 40]
 
-Every target is due every 2 s (``minute_seconds=2``, ``every=1``), far more
-than the workers can check, so the run log measures capacity: completed
-unchanged checks per second over the window, and the dispatch latency
-(started_at - scheduled_at of scheduled runs, p50/p99) under that overload.
+Every target is due every 2 s (``minute_seconds=2``, ``every=1``): a demand
+of targets/2 checks per second. The run log gives the completed unchanged
+checks per second over the window (capacity only when it stays below the
+demand) and the dispatch latency (started_at - scheduled_at of scheduled
+runs, p50/p99; the catalog keeps whole seconds).
 Not part of ``python -m bench`` (yet): a standalone script.
 """
 
