@@ -31,7 +31,7 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("paramiko", "apscheduler", "alembic", "botocore", "boto3"):
+    for noisy in ("paramiko", "apscheduler", "alembic", "botocore", "boto3", "procrastinate"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

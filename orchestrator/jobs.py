@@ -24,6 +24,11 @@ def install(server: Server | None) -> None:
     _server = server
 
 
+def installed() -> Server | None:
+    """The running server, for the run queue's tasks (dispatch/procrastinate.py)."""
+    return _server
+
+
 def run_target(target_id: int) -> None:
     if _server is None:
         log.warning("job for target %s fired with no server installed", target_id)

@@ -111,6 +111,11 @@ class Scheduler:
         if self._owner is None:
             self._owner = dialect.take_owner_lock(self.engine, "scheduler")
 
+    def owned_by(self, holder: Any) -> None:
+        """Ownership proven elsewhere: the scheduler role's leader lock
+        (orchestrator/leader.py); ``holder.close()`` gives it up on shutdown."""
+        self._owner = holder
+
     def start(self, paused: bool = False) -> None:
         self.take_ownership()
         self.aps.start(paused=paused)

@@ -21,9 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator import jobs, remote, validation
+from orchestrator import jobs, remote, roles, validation
 from orchestrator.backup import BackupEngine, CatalogHostKeys, RunResult, same_endpoint
 from orchestrator.errors import (
     AuthFailed,
@@ -46,6 +46,9 @@ from storage.catalog import Catalog, Node, Target, TargetOptions, format_address
 from storage.errors import NotFound, StorageError, TargetExists
 from storage.stores import open_store
 
+if TYPE_CHECKING:
+    from orchestrator.dispatch.procrastinate import NodeSlots, RunQueue
+
 log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
@@ -66,7 +69,14 @@ class Server:
         self.data_dir = Path(settings.data_dir).resolve()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
-        self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock")
+        self.role = settings.role
+        if self.role != "all" and not str(settings.catalog_url).startswith("postgresql"):
+            raise ServerError(f"--role {self.role} needs a PostgreSQL catalog (--catalog-url "
+                              "postgresql+psycopg://...): the roles meet there")
+        # The scale-out roles share one catalog and may share a data dir (key,
+        # token, archives); the APScheduler store's one owner is the elected leader.
+        self._lock_fd = _lock_data_dir(self.data_dir / "backhauld.lock") \
+            if self.role == "all" else None
         self.token = _load_or_create_token(self.data_dir / "api-token")
         # The archive store (default: ``archives`` in the data dir; or S3): a
         # missing bucket or refused credentials stop us here, in one line,
@@ -100,9 +110,16 @@ class Server:
         self.sender = Sender(max_queue=settings.notify_queue)
         self.notifier = Notifier(self.catalog, self.sender, settings.notify_url,
                                  repeat_seconds=settings.notify_repeat, clock=clock)
-        self.scheduler = Scheduler(job_store_url(self.catalog.url, self.data_dir),
-                                   workers=settings.workers,
-                                   minute_seconds=settings.minute_seconds)
+        self.scheduler: Any = Scheduler(job_store_url(self.catalog.url, self.data_dir),
+                                        workers=settings.workers,
+                                        minute_seconds=settings.minute_seconds)
+        # --role scheduler/worker/api: runs go through the PostgreSQL run queue
+        # (orchestrator/roles.py wires the rest); None: the in-process pools.
+        self.queue: RunQueue | None = None
+        self.slots: NodeSlots | None = None
+        self._on_stop: list[Callable[[], None]] = []
+        if self.role != "all":
+            roles.prepare(self)
         self.manual = ThreadPoolExecutor(max_workers=settings.workers,
                                          thread_name_prefix="manual-run")
         self.default_user = settings.default_user or getpass.getuser()
@@ -119,6 +136,10 @@ class Server:
 
     def start(self) -> None:
         """Recover from whatever the last process left, then start scheduling."""
+        if self.role != "all":
+            roles.start(self)
+            self.started = True
+            return
         # First: another live server on this catalog would see its runs
         # marked interrupted below.
         self.scheduler.take_ownership()
@@ -158,6 +179,8 @@ class Server:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        for stop in self._on_stop:
+            stop()
         self.scheduler.shutdown()
         self.manual.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + self.settings.shutdown_grace
@@ -175,7 +198,10 @@ class Server:
         self.sender.stop()
         jobs.install(None)
         self.catalog.close()
-        os.close(self._lock_fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        if self.queue is not None:
+            self.queue.close()
         if self.started:
             log.info("backhauld stopped")
 
@@ -240,6 +266,9 @@ class Server:
         kind = {"schedule": "target", "retry": "retry", "recovery": "recover"}[trigger]
         due = self.scheduler.scheduled_time(kind, target_id)
         if self._stopping.is_set():
+            return None
+        if self.queue is not None:  # the leader: a worker runs it
+            self.queue.enqueue(target_id, trigger, due=due)
             return None
         try:
             try:
@@ -378,6 +407,8 @@ class Server:
         target = self.catalog.get_target(target_id)
         if not target.active:
             raise TargetInactive(target_id)
+        if self.queue is not None:
+            return roles.run_queued(self, target_id, wait=wait, timeout=timeout, full=full)
 
         def manual() -> RunResult:
             result = self.engine.run(target_id, "manual", queue=True, full=full)
