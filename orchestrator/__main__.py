@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from orchestrator.api import create_app
+    from orchestrator.errors import ServerError
     from orchestrator.guard import listen_warning
-    from orchestrator.server import Server, ServerError
+    from orchestrator.server import Server
     from storage.dialect import DatabaseUnavailable
     from storage.errors import StorageError
 

@@ -19,15 +19,46 @@ import logging
 import os
 import signal
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from orchestrator import jobs
 from storage.errors import NotFound, StorageError
 
 if TYPE_CHECKING:
-    from orchestrator.server import Server
+    from orchestrator.backup import BackupEngine
+    from orchestrator.dispatch.base import Runner
+    from orchestrator.dispatch.procrastinate import NodeSlots, RunQueue
+    from orchestrator.notify import Sender
+    from orchestrator.policy import RunPolicy
+    from orchestrator.settings import Settings
+    from storage.catalog import Catalog
+    from storage.stores.base import Store
 
 log = logging.getLogger(__name__)
+
+
+class Server(jobs.Host, Protocol):
+    """The object graph ``server.py`` builds (its ``Server``), as the roles
+    use it: a Protocol, so this module imports no server code."""
+
+    role: str
+    settings: Settings
+    data_dir: Path
+    catalog: Catalog
+    store: Store
+    engine: BackupEngine
+    sender: Sender
+    policy: RunPolicy
+    scheduler: Any
+    runner: Runner
+    queue: RunQueue | None
+    slots: NodeSlots | None
+    _stopping: threading.Event
+    _on_stop: list[Callable[[], None]]
+
+    def _janitor_loop(self) -> None: ...
 
 
 def prepare(server: Server) -> None:
@@ -35,6 +66,7 @@ def prepare(server: Server) -> None:
     and a ``Scheduler`` stand-in until (unless) this process leads."""
     from orchestrator.dispatch.procrastinate import (
         NodeSlots,
+        QueuedRunner,
         QueuedSchedule,
         RunQueue,
         ensure_schema,
@@ -45,10 +77,10 @@ def prepare(server: Server) -> None:
     server.slots = NodeSlots(url, server.settings.per_node)
     # The real Scheduler is only read (next runs) until this process leads.
     server.scheduler = QueuedSchedule(server.queue, server.scheduler)
+    server.runner = QueuedRunner(server.queue, server.catalog, server._stopping)
 
 
 def start(server: Server) -> None:
-    from orchestrator import jobs
     jobs.install(server)
     server.sender.start()
     janitor = threading.Thread(target=server._janitor_loop, name="ssh-janitor", daemon=True)
@@ -76,8 +108,7 @@ def _lead(server: Server) -> None:
     """Standby until the leader lock is ours, then schedule until it is lost."""
     from orchestrator.dispatch.procrastinate import Reaper
     from orchestrator.leader import Leadership
-    from orchestrator.scheduler import Scheduler
-    from orchestrator.server import job_store_url
+    from orchestrator.scheduler import Scheduler, job_store_url
 
     leading: list[Any] = []  # the Scheduler, once there is one
 
@@ -107,8 +138,8 @@ def _lead(server: Server) -> None:
         queued_schedule = server.scheduler
         server.scheduler = scheduler
         queued_schedule.reader.engine.dispose()
-        server._restore_retries()
-        server._catch_up(listed)
+        server.policy.restore_retries()
+        server.policy.catch_up(listed)
         scheduler.resume()
     except Exception:  # noqa: BLE001 - a leader that cannot schedule must not lead
         log.exception("the leader could not start scheduling; stopping")
@@ -159,40 +190,16 @@ def execute(server: Server, target_id: int, trigger: str, due: dt.datetime | Non
             log.info("target %s skipped: node %s is unreachable (waiting for its probe)",
                      target_id, target.node.address)
             server.catalog.record_failure(target_id, None)
-            server._ensure_probe(target.node)
+            server.policy.ensure_probe(target.node)
             return
         assert server.slots is not None and server.queue is not None
         with server.slots.slot(target.node.id):
             result = server.engine.run(target_id, trigger, queue=True, scheduled_at=due,
                                        full=full)
-        server.after_run(target, result)
+        server.policy.after_run(target, result)
         if result.status == "interrupted":
             # This worker is stopping: another one takes the run over.
             server.queue.enqueue(target_id, "recovery")
     except StorageError as exc:
         log.error("target %s: catalog unavailable: %s; retrying", target_id, exc.message)
-        server._retry_later(target_id, 1, None)
-
-
-def run_queued(server: Server, target_id: int, *, wait: bool, timeout: float | None,
-               full: bool) -> dict[str, Any] | None:
-    """``backhaul run`` on a scale-out deployment: queue a manual run; with
-    ``wait``, return its run row once a worker has finished it."""
-    from orchestrator.server import WaitTimeout
-    assert server.queue is not None
-    newest = server.catalog.list_runs(target_ids=[target_id], limit=1)
-    after = newest[0]["id"] if newest else 0
-    server.queue.enqueue(target_id, "manual", full=full)
-    if not wait:
-        return None
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        rows = server.catalog.list_runs(target_ids=[target_id], limit=20)
-        done = [r for r in rows if r["id"] > after and r["trigger"] == "manual"
-                and r["status"] != "running"]
-        if done:
-            return min(done, key=lambda r: r["id"])
-        if deadline is not None and time.monotonic() > deadline:
-            raise WaitTimeout(target_id, timeout or 0)
-        if server._stopping.wait(0.2):
-            return None
+        server.policy.retry_later(target_id, 1, None)

@@ -42,6 +42,14 @@ RECOVER_TARGET = "orchestrator.jobs:recover_target"
 TABLE = "apscheduler_jobs"
 
 
+def job_store_url(catalog_url: str, data_dir: Path) -> str:
+    """APScheduler's jobs sit beside a PostgreSQL catalog (a table of their
+    own); with a SQLite catalog, in a SQLite file of their own."""
+    if catalog_url.startswith("postgresql"):
+        return catalog_url
+    return f"sqlite:///{data_dir / 'jobs.db'}"
+
+
 def target_job(target_id: int) -> str:
     return f"target:{target_id}"
 

@@ -24,6 +24,7 @@ import asyncio
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -35,11 +36,12 @@ from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import Status
 
 from orchestrator import jobs
+from orchestrator.errors import WaitTimeout
 from storage import dialect
 
 if TYPE_CHECKING:
     from orchestrator.scheduler import Scheduler
-    from storage.catalog import Catalog
+    from storage.catalog import Catalog, Target
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +88,11 @@ def _register_tasks(app: procrastinate.App) -> None:
         wait=NODE_BUSY_WAIT, retry_exceptions={NodeBusy}))
     def run(target_id: int, trigger: str, due: str | None = None,
             full: bool = False) -> None:
-        from orchestrator import roles
         server = jobs.installed()
         if server is None:
             raise RuntimeError("no server installed in this worker")
-        roles.execute(server, target_id, trigger,
-                      dt.datetime.fromisoformat(due) if due else None, full=full)
+        server.execute(target_id, trigger, dt.datetime.fromisoformat(due) if due else None,
+                       full=full)
 
     @app.task(name=PROBE_TASK)
     def probe(node_id: int) -> None:
@@ -161,6 +162,45 @@ class RunQueue:
         if not self._closed:
             self._closed = True
             self.app.close()
+
+
+class QueuedRunner:
+    """The ``Runner`` of the scale-out roles: a due run (on the leader) or a
+    manual one (on any api process) becomes a queued job; a worker runs it
+    (``roles.execute``)."""
+
+    def __init__(self, queue: RunQueue, catalog: Catalog, stopping: threading.Event) -> None:
+        self.queue = queue
+        self.catalog = catalog
+        self._stopping = stopping
+
+    def run_due(self, target_id: int, trigger: str, due: dt.datetime | None) -> None:
+        self.queue.enqueue(target_id, trigger, due=due)
+
+    def run_manual(self, target: Target, *, wait: bool, timeout: float | None,
+                   full: bool) -> dict[str, Any] | None:
+        """Queue a manual run; with ``wait``, return its run row once a
+        worker has finished it."""
+        target_id = target.id
+        newest = self.catalog.list_runs(target_ids=[target_id], limit=1)
+        after = newest[0]["id"] if newest else 0
+        self.queue.enqueue(target_id, "manual", full=full)
+        if not wait:
+            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rows = self.catalog.list_runs(target_ids=[target_id], limit=20)
+            done = [r for r in rows if r["id"] > after and r["trigger"] == "manual"
+                    and r["status"] != "running"]
+            if done:
+                return min(done, key=lambda r: r["id"])
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(target_id, timeout or 0)
+            if self._stopping.wait(0.2):
+                return None
+
+    def shutdown(self) -> None:
+        pass  # the queue itself is closed last, by the server's stop
 
 
 class QueuedSchedule:
