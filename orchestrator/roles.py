@@ -45,6 +45,7 @@ class Server(jobs.Host, Protocol):
 
     role: str
     settings: Settings
+    clock: Callable[[], dt.datetime]
     data_dir: Path
     catalog: Catalog
     store: Store
