@@ -20,7 +20,9 @@ COPY pyproject.toml README.md ./
 COPY orchestrator ./orchestrator
 COPY storage ./storage
 COPY cli ./cli
-RUN pip install ".[server]"
+# EXTRAS=scale (the compose file's scale-out profile) adds psycopg and procrastinate.
+ARG EXTRAS=server
+RUN pip install ".[server]" && if [ "$EXTRAS" != server ]; then pip install ".[$EXTRAS]"; fi
 
 # /data and /keys are created here, owned by the service user, so that the
 # named volumes mounted on them start out with that owner.

@@ -31,7 +31,7 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("paramiko", "apscheduler", "alembic", "botocore", "boto3"):
+    for noisy in ("paramiko", "apscheduler", "alembic", "botocore", "boto3", "procrastinate"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from orchestrator.api import create_app
+    from orchestrator.errors import ServerError
     from orchestrator.guard import listen_warning
-    from orchestrator.server import Server, ServerError
+    from orchestrator.server import Server
     from storage.dialect import DatabaseUnavailable
     from storage.errors import StorageError
 

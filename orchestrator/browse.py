@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import BackhaulError
-from orchestrator.restore import ArchiveGone, relative_members
+from orchestrator.errors import ArchiveGone, BackhaulError, InvalidPath
 from storage.catalog import Catalog
 from storage.stores.base import Store
 from storage.tgz import ArchiveIndex, ArchiveReader, Entry
@@ -83,6 +82,25 @@ def selected(rel: str, only: list[str]) -> str | None:
         if o == "" or rel == o or rel.startswith(o + "/"):
             return o
     return None
+
+
+def relative_members(only: list[str], tree_path: str) -> list[str]:
+    """``--only`` names, relative to the tree or absolute under its path on the node."""
+    out = []
+    root = tree_path.rstrip("/")
+    for name in only:
+        original = name
+        if "\0" in name or "\n" in name:
+            raise InvalidPath(f"--only {original!r}: NUL or newline in the name")
+        if name.startswith("/"):
+            if not (name == root or name.startswith(root + "/")):
+                raise InvalidPath(f"--only {original}: not inside {tree_path}")
+            name = name[len(root):]
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise InvalidPath(f"--only {original}: '..' is not allowed")
+        out.append("/".join(parts))
+    return out
 
 
 def open_listing(catalog: Catalog, store: Store, archive_id: int) -> Listed:

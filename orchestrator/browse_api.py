@@ -16,10 +16,10 @@ from orchestrator.browse import (
     find_entries,
     list_entries,
     open_listing,
+    relative_members,
     selected_stream,
     selection,
 )
-from orchestrator.restore import relative_members
 
 if TYPE_CHECKING:
     from orchestrator.server import Server

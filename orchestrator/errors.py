@@ -8,6 +8,11 @@ boundary (``ssh.py``, ``backup.py``); none escapes ``orchestrator/`` raw.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.catalog import Node, Target
+
 
 class BackhaulError(Exception):
     """Root of every error the server raises on purpose."""
@@ -211,3 +216,82 @@ class RunTimeout(NodeError):
     def __init__(self, address: str, what: str, seconds: float) -> None:
         super().__init__(f"{what} on {address} was still going when the run reached its "
                          f"{seconds:g} s deadline (--run-timeout); nothing was kept")
+
+
+# --- registration, runs and the server (were in server.py) ------------------------
+
+
+class TargetInactive(BackhaulError):
+    code = "target_unregistered"
+    http_status = 409
+
+    def __init__(self, target_id: int) -> None:
+        super().__init__(f"target {target_id} is unregistered; register it again to back it up")
+
+
+class NotRegistered(BackhaulError):
+    code = "target_unregistered"
+    http_status = 409
+
+    def __init__(self, target: Target) -> None:
+        when = target.unregistered_at.isoformat(timespec="seconds") \
+            if target.unregistered_at else "earlier"
+        super().__init__(f"{target.node.address} {target.path} is not registered "
+                         f"(target {target.id} was unregistered at {when})")
+
+
+class NodeInUse(BackhaulError):
+    code = "node_in_use"
+    http_status = 409
+
+    def __init__(self, node: Node, paths: list[str]) -> None:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        super().__init__(f"{node.address} still has {len(paths)} registered target(s) "
+                         f"({shown}); unregister them first")
+
+
+class WaitTimeout(BackhaulError):
+    code = "timeout"
+    http_status = 504
+
+    def __init__(self, target_id: int, seconds: float) -> None:
+        super().__init__(f"target {target_id} is still running after {seconds:g} s; "
+                         "see `backhaul history` for its outcome")
+
+
+class ServerError(BackhaulError):
+    code = "server_error"
+
+
+# --- restore (were in restore.py) -----------------------------------------------------
+
+
+class RestoreError(BackhaulError):
+    code = "restore_failed"
+    http_status = 422
+
+
+class DestExists(BackhaulError):
+    code = "dest_exists"
+    http_status = 409
+
+    def __init__(self, address: str, dest: str) -> None:
+        super().__init__(f"{dest} already exists on {address}; restore into a new directory "
+                         "or add --force to write into it")
+
+
+class RestoreRefused(BackhaulError):
+    code = "command_refused"
+    http_status = 422
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"{address} refused the restore: the server's key there is restricted to "
+            "backhaul's backup commands (backhaul pubkey --restricted); restore with "
+            "`backhaul restore ID --to DIR` and copy the files, or authorise a separate, "
+            "unrestricted restore key on that node for the restore")
+
+
+class ArchiveGone(BackhaulError):
+    code = "archive_rotated"
+    http_status = 410

@@ -8,20 +8,37 @@ through the one module-level handle below, set once by ``Server.start``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from orchestrator.server import Server
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-_server: Server | None = None
+
+class Host(Protocol):
+    """What the entry points below (and the run queue's tasks) call on the
+    running server (``Server``); a Protocol, so this module imports no server
+    code (``server.py`` imports this one)."""
+
+    def run_job(self, target_id: int, trigger: str) -> object: ...
+
+    def probe_node(self, node_id: int) -> None: ...
+
+    def execute(self, target_id: int, trigger: str, due: dt.datetime | None, *,
+                full: bool = False) -> None: ...
 
 
-def install(server: Server | None) -> None:
+_server: Host | None = None
+
+
+def install(server: Host | None) -> None:
     global _server
     _server = server
+
+
+def installed() -> Host | None:
+    """The running server, for the run queue's tasks (dispatch/procrastinate.py)."""
+    return _server
 
 
 def run_target(target_id: int) -> None:

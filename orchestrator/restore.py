@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import remote, validation
-from orchestrator.errors import BackhaulError, InvalidPath, RemoteCommandFailed
+from orchestrator.browse import open_listing, relative_members, selected_stream, selection
+from orchestrator.errors import (
+    ArchiveGone,
+    DestExists,
+    RemoteCommandFailed,
+    RestoreError,
+    RestoreRefused,
+)
 from orchestrator.ssh import NodeAddress, SSHPool
 from orchestrator.verify_cmd import archive_root
 from storage.catalog import Catalog
@@ -32,37 +39,6 @@ from storage.stores.base import Store
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-
-
-class RestoreError(BackhaulError):
-    code = "restore_failed"
-    http_status = 422
-
-
-class DestExists(BackhaulError):
-    code = "dest_exists"
-    http_status = 409
-
-    def __init__(self, address: str, dest: str) -> None:
-        super().__init__(f"{dest} already exists on {address}; restore into a new directory "
-                         "or add --force to write into it")
-
-
-class RestoreRefused(BackhaulError):
-    code = "command_refused"
-    http_status = 422
-
-    def __init__(self, address: str) -> None:
-        super().__init__(
-            f"{address} refused the restore: the server's key there is restricted to "
-            "backhaul's backup commands (backhaul pubkey --restricted); restore with "
-            "`backhaul restore ID --to DIR` and copy the files, or authorise a separate, "
-            "unrestricted restore key on that node for the restore")
-
-
-class ArchiveGone(BackhaulError):
-    code = "archive_rotated"
-    http_status = 410
 
 
 @dataclass(frozen=True)
@@ -76,25 +52,6 @@ class NodeRestore:
     def as_json(self) -> dict[str, Any]:
         return {"archive_id": self.archive_id, "address": self.address, "dest": self.dest,
                 "only": self.members, "bytes_sent": self.bytes_sent}
-
-
-def relative_members(only: list[str], tree_path: str) -> list[str]:
-    """``--only`` names, relative to the tree or absolute under its path on the node."""
-    out = []
-    root = tree_path.rstrip("/")
-    for name in only:
-        original = name
-        if "\0" in name or "\n" in name:
-            raise InvalidPath(f"--only {original!r}: NUL or newline in the name")
-        if name.startswith("/"):
-            if not (name == root or name.startswith(root + "/")):
-                raise InvalidPath(f"--only {original}: not inside {tree_path}")
-            name = name[len(root):]
-        parts = [p for p in name.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            raise InvalidPath(f"--only {original}: '..' is not allowed")
-        out.append("/".join(parts))
-    return out
 
 
 def restore_to_node(catalog: Catalog, store: Store, pool: SSHPool, *,
@@ -124,10 +81,7 @@ def restore_to_node(catalog: Catalog, store: Store, pool: SSHPool, *,
 
     source = whole
     if members:
-        # Only the gzip members holding the selection, through the index
-        # (orchestrator/browse.py imports this module, hence here).
-        from orchestrator.browse import open_listing, selected_stream, selection
-
+        # Only the gzip members holding the selection, through the index.
         listed = open_listing(catalog, store, archive_id)
         picked, _hit = selection(listed, members)
         if not picked:

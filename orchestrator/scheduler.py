@@ -42,6 +42,14 @@ RECOVER_TARGET = "orchestrator.jobs:recover_target"
 TABLE = "apscheduler_jobs"
 
 
+def job_store_url(catalog_url: str, data_dir: Path) -> str:
+    """APScheduler's jobs sit beside a PostgreSQL catalog (a table of their
+    own); with a SQLite catalog, in a SQLite file of their own."""
+    if catalog_url.startswith("postgresql"):
+        return catalog_url
+    return f"sqlite:///{data_dir / 'jobs.db'}"
+
+
 def target_job(target_id: int) -> str:
     return f"target:{target_id}"
 
@@ -110,6 +118,11 @@ class Scheduler:
         touches anything (``OwnerLockHeld``)."""
         if self._owner is None:
             self._owner = dialect.take_owner_lock(self.engine, "scheduler")
+
+    def owned_by(self, holder: Any) -> None:
+        """Ownership proven elsewhere: the scheduler role's leader lock
+        (orchestrator/leader.py); ``holder.close()`` gives it up on shutdown."""
+        self._owner = holder
 
     def start(self, paused: bool = False) -> None:
         self.take_ownership()

@@ -202,6 +202,20 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_int),
     Setting("hook_timeout", "3600", "seconds a target's pre or post command may run on the "
             "node before it is killed and counts as failed", _positive_float),
+    # Scale-out (orchestrator/roles.py): every role but `all` needs a PostgreSQL catalog.
+    Setting("role", "all", "`all`: one process does everything (the default); `scheduler`: "
+            "the elected scheduler (a second one waits as standby) that queues due runs; "
+            "`worker`: executes queued runs; `api`: the HTTP API only. Every role serves "
+            "the API", _choice("all", "scheduler", "worker", "api")),
+    Setting("heartbeat", "5", "seconds between a worker's heartbeats in the run queue",
+            _positive_float),
+    Setting("stall_timeout", "30", "seconds without a heartbeat after which a worker is "
+            "taken for dead: the leader records its runs interrupted and queues them again",
+            _positive_float),
+    Setting("leader_check", "1", "seconds between the leader's checks of its lock "
+            "connection, and between a standby's attempts to take it", _positive_float),
+    Setting("sync_every", "2", "seconds between the leader's reads of the catalog for "
+            "targets registered, edited or removed through other processes", _positive_float),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

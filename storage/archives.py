@@ -336,6 +336,16 @@ class ArchiveStore:
             removed.append(p)
         return removed
 
+    def sweep_run_temp_files(self, target_id: int, run_ids: list[int]) -> list[Path]:
+        """Remove the temp files of runs a dead process left (a killed worker's;
+        other writers may be busy in the store meanwhile)."""
+        removed = []
+        for run_id in run_ids:
+            for p in self.root.glob(f"*/{target_id}/.*-{run_id}.tar.gz{TEMP_MARK}*"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
+
     def sweep_unlisted(self, listed: set[str]) -> list[str]:
         """Remove archive files the catalog does not list as retained: a crash
         between the rename and the catalog commit leaves such a file."""

@@ -650,11 +650,14 @@ class Catalog:
                 last_node_time=node_time))
             return aid
 
-    def interrupt_running(self) -> list[int]:
-        """Runs left ``running`` by a server that died become ``interrupted``."""
+    def interrupt_running(self, target_id: int | None = None) -> list[int]:
+        """Runs left ``running`` by a server that died become ``interrupted``
+        (with ``target_id``: that target's, a dead worker's run)."""
         with self._tx() as conn:
-            ids = list(conn.execute(sa.select(runs.c.id).where(runs.c.status == "running"))
-                       .scalars())
+            query = sa.select(runs.c.id).where(runs.c.status == "running")
+            if target_id is not None:
+                query = query.where(runs.c.target_id == target_id)
+            ids = list(conn.execute(query).scalars())
             if ids:
                 conn.execute(runs.update().where(runs.c.id.in_(ids)).values(
                     status="interrupted", finished_at=self.clock(), error_code="interrupted",

@@ -136,7 +136,7 @@ def take_owner_lock(engine: Engine, role: str) -> Connection | None:
     directory's lock file already keeps a second server out."""
     if engine.dialect.name != "postgresql":
         return None
-    key = _MIGRATION_LOCK_KEY + sum(role.encode())
+    key = owner_lock_key(role)
     conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     try:
         got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
@@ -148,6 +148,11 @@ def take_owner_lock(engine: Engine, role: str) -> Connection | None:
         raise OwnerLockHeld(f"another backhauld already runs the {role} on the catalog "
                             f"{redacted(str(engine.url))}")
     return conn
+
+
+def owner_lock_key(role: str) -> int:
+    """The advisory lock key of ``role`` (the scheduler's is also the leader's)."""
+    return _MIGRATION_LOCK_KEY + sum(role.encode())
 
 
 def prefix_range(column: str, dialect_name: str) -> str:

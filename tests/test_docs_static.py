@@ -224,9 +224,10 @@ def parse_class_diagram(block: str) -> dict[str, dict]:
 
 
 def code_modules() -> list[ModuleType]:
-    """Every module of orchestrator and storage, and the client's API module."""
+    """Every module of orchestrator (and its dispatch backends) and storage, and
+    the client's API module."""
     modules: list[ModuleType] = []
-    for package in ("orchestrator", "storage"):
+    for package in ("orchestrator", "orchestrator.dispatch", "storage"):
         pkg = importlib.import_module(package)
         for info in pkgutil.iter_modules(pkg.__path__):
             if info.name != "__main__":
