@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import BenchError, Context, run_timed
-from bench.measure import median, parallel_map
+from bench.measure import cpu_seconds, median, parallel_map
 from bench.report import Metric, at_least, at_most, info, table
 from fixtures.server import free_port
 
@@ -80,9 +80,12 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
     with ctx.backhauld(f"ctlplane-{backend}", **settings) as srv:
         ctx.log(f"{name}: {first} registrations one by one, then {targets - first} "
                 f"from {THREADS} threads ({NODES} nodes that are down)")
+        cpu0 = cpu_seconds(srv.pid)
         seq_s, errors = _register(srv.client, jobs[:first], 1)
         ctx.log(f"  {first / seq_s:.0f}/s one by one")
+        cpu1 = cpu_seconds(srv.pid)
         par_s, more = _register(srv.client, jobs[first:], THREADS)
+        cpu2 = cpu_seconds(srv.pid)
         errors += more
         ctx.log(f"  {(targets - first) / par_s:.0f}/s from {THREADS} threads, "
                 f"{len(errors)} errors")
@@ -120,6 +123,10 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
         at_least(SECTION, f"{backend}: registrations, {THREADS} client threads "
                           f"({targets - first}, up to {targets} targets)",
                  (targets - first) / par_s, "/s", 100, "{:.0f}", seconds=par_s),
+        info(SECTION, f"{backend}:   backhauld CPU per registration, one by one",
+             (cpu1 - cpu0) / first * 1000, "ms", "{:.1f}"),
+        info(SECTION, f"{backend}:   backhauld CPU per registration, {THREADS} threads",
+             (cpu2 - cpu1) / (targets - first) * 1000, "ms", "{:.1f}"),
         at_most(SECTION, f"{backend}: `backhaul jobs` with {targets} targets (a page)",
                 median(page), "s", 0.5, "{:.3f}", runs=page),
         info(SECTION, f"{backend}:   of which: GET /api/v1/targets?limit=100",

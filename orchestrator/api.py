@@ -54,6 +54,9 @@ class RegisterBody(BaseModel):
         "Healthchecks-style URL: pinged on success, <url>/fail on failure"))
 
 
+_OPTION_FIELDS = {"pre_command", "post_command", "pre_optional", "ping_url"}
+
+
 class TrustBody(BaseModel):
     fingerprint: str | None = None
 
@@ -269,12 +272,12 @@ def create_app(server: Server) -> FastAPI:
         reg = server.register(host=body.host, port=body.port, user=body.user, path=body.path,
                               every_minutes=body.every_minutes, keep=body.keep,
                               host_key_fingerprint=body.host_key_fingerprint,
-                              options=body.model_dump(include={
-                                  "pre_command", "post_command", "pre_optional", "ping_url"},
-                                  exclude_unset=True))
+                              options=body.model_dump(include=_OPTION_FIELDS,
+                                                      exclude_unset=True))
         return {"target": target_out(reg.target), "warnings": reg.warnings,
                 "options": options_api.options_json(
-                    server.catalog.target_options([reg.target.id]).get(reg.target.id))}
+                    server.catalog.target_options([reg.target.id]).get(reg.target.id)
+                    if body.model_fields_set & _OPTION_FIELDS else None)}
 
     @r.get("/targets", summary="targets with next and last run")
     def list_targets(host: str | None = None, port: OptPort = None,

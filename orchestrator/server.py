@@ -478,7 +478,8 @@ class Server:
         # One catalog commit: the target, its options and (node down) its first failure.
         target = self.catalog.add_target(node.id, path, every_minutes, keep,
                                          failures=0 if reachable else 1, options=options)
-        if reachable and not warnings and node.reachable is not True:
+        node_changed = reachable and not warnings and node.reachable is not True
+        if node_changed:
             self.catalog.node_reachable(node.id)
         if reachable:
             self.scheduler.add_target(target.id, every_minutes)
@@ -486,10 +487,13 @@ class Server:
             first = self.clock() + dt.timedelta(seconds=every_minutes *
                                                 self.settings.minute_seconds)
             self.scheduler.add_target(target.id, every_minutes, first_run_at=first)
-            self._ensure_probe(self.catalog.get_node(node.id))
+            if not self.scheduler.has_probe(node.id):  # else one is on its way already
+                self._ensure_probe(self.catalog.get_node(node.id))
+                node_changed = True
         log.info("registered target %s: %s %s every %d min, keep %d", target.id,
                  node.address, path, every_minutes, keep)
-        return Registration(self.catalog.get_target(target.id), warnings)
+        return Registration(self.catalog.get_target(target.id) if node_changed else target,
+                            warnings)
 
     def set_target_options(self, target_id: int, **changes: Any) -> TargetOptions:
         """Change a target's pre/post commands, ``pre_optional`` or ping URL
