@@ -24,8 +24,10 @@ off): its figures leave out the disk flush that SQLite's pay.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BenchError, Context, run_timed
+from bench.harness import Backhauld, BenchError, Context, run_timed
 from bench.measure import cpu_seconds, median, parallel_map
 from bench.report import Metric, at_least, at_most, info, table
 from fixtures.server import free_port
@@ -67,6 +69,19 @@ def _register(client_of: Any, jobs: list[dict[str, Any]], threads: int) -> tuple
     return time.perf_counter() - t0, errors
 
 
+class _Stopper:
+    def __init__(self, srv: Backhauld) -> None:
+        self.srv = srv
+
+    def close(self) -> None:
+        self.srv.stop()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = None,
             runs: int = 5) -> list[Metric]:
     settings: dict[str, object] = {"scrub_every": 0}
@@ -77,7 +92,9 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
              "path": f"/srv/app{i:05d}", "every_minutes": 1440} for i in range(targets)]
     first = int(targets * SEQUENTIAL_SHARE)
     name = f"{SECTION}: {backend}"
-    with ctx.backhauld(f"ctlplane-{backend}", **settings) as srv:
+    srv = Backhauld(ctx.scratch / f"ctlplane-{backend}", ctx.key, **settings)
+    with contextlib.closing(_Stopper(srv)):
+        srv.start(timeout=180)  # a loaded machine may take a while to import everything
         ctx.log(f"{name}: {first} registrations one by one, then {targets - first} "
                 f"from {THREADS} threads ({NODES} nodes that are down)")
         cpu0 = cpu_seconds(srv.pid)
@@ -92,9 +109,11 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
         if errors:
             raise BenchError(f"{len(errors)} registrations failed, e.g. {errors[0]}")
         env = srv.cli_env()
-        page, everything = [], []
+        page, everything, page_cpu = [], [], []
         for _ in range(runs):
+            before = _children_cpu()
             elapsed, cp = run_timed([ctx.backhaul, "jobs"], env=env)
+            page_cpu.append(_children_cpu() - before)
             # (a backhaul from before paging prints every target: the "before" figure)
             if f" of {targets} shown" not in cp.stdout.decode() \
                     and cp.stdout.count(b"\n") < targets + 1:
@@ -109,10 +128,12 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
             everything.append(elapsed)
         client = srv.client()
         api_page, api_all = [], []
+        cpu0 = cpu_seconds(srv.pid)
         for _ in range(runs):
             t0 = time.perf_counter()
             client.request("GET", "/api/v1/targets", query={"limit": 100})
             api_page.append(time.perf_counter() - t0)
+        page_server_cpu = (cpu_seconds(srv.pid) - cpu0) / runs
         for _ in range(max(1, runs // 2)):
             t0 = time.perf_counter()
             client.request("GET", "/api/v1/targets")
@@ -129,8 +150,12 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
              (cpu2 - cpu1) / (targets - first) * 1000, "ms", "{:.1f}"),
         at_most(SECTION, f"{backend}: `backhaul jobs` with {targets} targets (a page)",
                 median(page), "s", 0.5, "{:.3f}", runs=page),
+        info(SECTION, f"{backend}:   CPU of the `backhaul jobs` process",
+             median(page_cpu), "s", "{:.3f}", runs=page_cpu),
         info(SECTION, f"{backend}:   of which: GET /api/v1/targets?limit=100",
              median(api_page), "s", "{:.3f}", runs=api_page),
+        info(SECTION, f"{backend}:   backhauld CPU per GET of a page", page_server_cpu, "s",
+             "{:.3f}"),
         info(SECTION, f"{backend}: `backhaul jobs --all` ({targets} rows)", median(everything),
              "s", "{:.3f}", runs=everything),
         info(SECTION, f"{backend}:   of which: GET /api/v1/targets (all)", median(api_all),
