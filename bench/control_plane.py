@@ -128,12 +128,12 @@ def measure(ctx: Context, backend: str, targets: int, catalog_url: str | None = 
             everything.append(elapsed)
         client = srv.client()
         api_page, api_all = [], []
-        cpu0 = cpu_seconds(srv.pid)
+        cpu_page = cpu_seconds(srv.pid)
         for _ in range(runs):
             t0 = time.perf_counter()
             client.request("GET", "/api/v1/targets", query={"limit": 100})
             api_page.append(time.perf_counter() - t0)
-        page_server_cpu = (cpu_seconds(srv.pid) - cpu0) / runs
+        page_server_cpu = (cpu_seconds(srv.pid) - cpu_page) / runs
         for _ in range(max(1, runs // 2)):
             t0 = time.perf_counter()
             client.request("GET", "/api/v1/targets")
