@@ -29,8 +29,8 @@ NO_ENV = {"BACKHAUL_URL": None, "BACKHAUL_TOKEN": None, "BACKHAUL_DATA_DIR": Non
 def fleet(tmp_path_factory: pytest.TempPathFactory, server_key: ServerKey,
           node: SSHD) -> Iterator[tuple[LiveServer, list[dict[str, Any]]]]:
     srv = LiveServer(tmp_path_factory.mktemp("jobs-paging") / "server", server_key)
-    srv.start(timeout=60)
     try:
+        srv.start(timeout=60)  # inside: a start that times out is stopped too
         closed = free_port("127.0.0.1")
         made = []
         for i in range(DOWN):
