@@ -21,6 +21,7 @@ from types import FrameType
 
 from bench.bwlimit import run_bwlimit
 from bench.control import run_control
+from bench.control_plane import run_control_plane
 from bench.delta import run_delta
 from bench.full import run_full, run_pigz
 from bench.harness import REPO, Context
@@ -35,6 +36,8 @@ SECTIONS: dict[str, tuple[str, Callable[[Context], list[Metric]]]] = {
     "transport": ("SSH channel throughput vs OpenSSH", run_transport),
     "unchanged": ("unchanged checks: wire bytes, latency, sweep", run_unchanged),
     "control": ("client and control plane with many targets", run_control),
+    "ctlplane": ("control plane alone at 10,000 targets: SQLite and PostgreSQL",
+                 run_control_plane),
     "memory": ("backhauld RSS: streaming, many targets", run_memory),
     "bwlimit": ("--bwlimit accuracy", run_bwlimit),
     "delta": ("changed backups: wire bytes and time vs rsync -az over OpenSSH", run_delta),

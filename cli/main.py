@@ -29,6 +29,7 @@ from cli.client import (
 
 ADDRESS_METAVAR = "[USER@]HOST[:PORT]"
 DEFAULT_DATA_DIR = "backhaul-data"
+JOBS_PAGE = 100  # `jobs` rows by default: a page of a large fleet, the rest counted
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]+=*")
 
 
@@ -423,17 +424,38 @@ def _archive_state(b: dict[str, Any]) -> str:
 
 
 @main.command()
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"show at most N targets, in id order  [default: {JOBS_PAGE}; with --json: all]",
+)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, help="skip the first N targets (paging)"
+)
+@click.option("--all", "show_all", is_flag=True, help="list every target (no page)")
 @json_option
 @click.pass_obj
-def jobs(state: State) -> None:
-    """The schedule: every active target with its next and last run."""
-    answer = state.client().list_targets()
+def jobs(state: State, limit: int | None, offset: int, show_all: bool) -> None:
+    """The schedule: active targets with their next and last run.
+
+    With many targets one page is shown (the server counts the rest), with a
+    summary of every target's last status; --all lists them all."""
+    if show_all and (limit is not None or offset):
+        raise click.UsageError("--all lists every target: leave out --limit and --offset")
+    if limit is None and not show_all and not (state.json and not offset):
+        limit = JOBS_PAGE
+    answer = state.client().list_targets(limit=limit, offset=offset or None)
     if state.json:
         _emit_json(answer)
         return
     targets = answer.get("targets") or []
+    total = answer.get("total", len(targets))
     if not targets:
-        click.echo("no targets registered (see: backhaul register --help)")
+        if total:
+            click.echo(f"no targets past the first {offset} ({total} registered)")
+        else:
+            click.echo("no targets registered (see: backhaul register --help)")
         return
     now = _now()
     rows = []
@@ -458,6 +480,29 @@ def jobs(state: State) -> None:
         )
     headers = ("ID", "NODE", "PATH", "EVERY", "NEXT RUN", "LAST RUN", "STATUS", "KEPT", "BYTES")
     click.echo(output.table(headers, rows, {0, 7, 8}))
+    if offset or len(targets) < total:
+        click.echo(f"\n{_page_line(offset, len(targets), total)}\n"
+                   f"{_status_summary(total, answer.get('summary') or {})}")
+
+
+def _page_line(offset: int, shown: int, total: int) -> str:
+    line = f"targets {offset + 1}-{offset + shown} of {total} shown (--all lists every one"
+    if offset + shown < total:
+        line += f"; next page: --offset {offset + shown}"
+    return line + ")"
+
+
+def _status_summary(total: int, summary: dict[str, Any]) -> str:
+    """``all 10000: 9990 success, 10 failed; 10 on unreachable nodes``."""
+    by_status = summary.get("by_status") or {}
+    names = {"never": "not run yet"}
+    parts = [f"{n} {names.get(status, status)}"
+             for status, n in sorted(by_status.items(), key=lambda kv: (-kv[1], kv[0]))]
+    line = f"all {total}: " + (", ".join(parts) or "no status")
+    unreachable = summary.get("node_unreachable")
+    if unreachable:
+        line += f"; {unreachable} on unreachable nodes"
+    return line
 
 
 @main.command()

@@ -54,6 +54,9 @@ class RegisterBody(BaseModel):
         "Healthchecks-style URL: pinged on success, <url>/fail on failure"))
 
 
+_OPTION_FIELDS = {"pre_command", "post_command", "pre_optional", "ping_url"}
+
+
 class TrustBody(BaseModel):
     fingerprint: str | None = None
 
@@ -269,25 +272,38 @@ def create_app(server: Server) -> FastAPI:
         reg = server.register(host=body.host, port=body.port, user=body.user, path=body.path,
                               every_minutes=body.every_minutes, keep=body.keep,
                               host_key_fingerprint=body.host_key_fingerprint,
-                              options=body.model_dump(include={
-                                  "pre_command", "post_command", "pre_optional", "ping_url"},
-                                  exclude_unset=True))
+                              options=body.model_dump(include=_OPTION_FIELDS,
+                                                      exclude_unset=True))
         return {"target": target_out(reg.target), "warnings": reg.warnings,
                 "options": options_api.options_json(
-                    server.catalog.target_options([reg.target.id]).get(reg.target.id))}
+                    server.catalog.target_options([reg.target.id]).get(reg.target.id)
+                    if body.model_fields_set & _OPTION_FIELDS else None)}
 
     @r.get("/targets", summary="targets with next and last run")
     def list_targets(host: str | None = None, port: OptPort = None,
                      user: str | None = None, path: str | None = None,
                      all: bool = Query(False, description="include unregistered targets"),
+                     limit: int | None = Query(None, ge=1, le=MAX_ID, description=(
+                         "at most this many targets, in id order (default: all)")),
+                     offset: int = Query(0, ge=0, le=MAX_ID,
+                                         description="skip this many first (with limit)"),
                      ) -> JSONResponse:
-        targets = server.catalog.list_targets(active_only=not all, host=canonical_host(host),
-                                              port=port,
-                                              user=user, path=path)
-        summaries = server.catalog.target_summaries()
-        next_runs = server.scheduler.next_runs()
-        return {"targets": [target_json(t, summaries.get(t.id), next_runs.get(t.id))
-                            for t in targets]}
+        filters = {"active_only": not all, "host": canonical_host(host), "port": port,
+                   "user": user, "path": path}
+        targets = server.catalog.list_targets(**filters, limit=limit, offset=offset)
+        # A page reads the run summaries and next runs of its own targets only.
+        page = None if limit is None else [t.id for t in targets]
+        summaries = server.catalog.target_summaries(page)
+        next_runs = (server.scheduler.next_runs() if page is None
+                     else server.scheduler.next_runs_of(page))
+        counts = server.catalog.target_counts(**filters)
+        # JSONResponse: FastAPI's encoder would walk 10,000 ready-made dicts again.
+        return JSONResponse({
+            "targets": [target_json(t, summaries.get(t.id), next_runs.get(t.id))
+                        for t in targets],
+            "total": counts["total"], "offset": offset if limit is not None else 0,
+            "summary": {"by_status": counts["by_status"],
+                        "node_unreachable": counts["node_unreachable"]}})
 
     @r.get("/targets/{target_id}", summary="one target")
     def get_target(target_id: Id) -> dict[str, Any]:

@@ -79,7 +79,9 @@ class Control:
         if existing_nodes:
             for t in self.catalog.list_targets(node_id=existing_nodes[0].id, path=path):
                 raise TargetExists(t.node.address, path, t.id)
-        node = self.catalog.ensure_node(user, host, port)
+        # A known node needs no write (the common case: many paths per node).
+        node = (existing_nodes[0] if existing_nodes and existing_nodes[0].forgotten_at is None
+                else self.catalog.ensure_node(user, host, port))
         if host_key_fingerprint is not None:
             for other in same_endpoint(self.catalog, host, port):
                 if other.host_key_b64 is not None and other.host_key_fingerprint != \
@@ -100,14 +102,16 @@ class Control:
                 self._forget_node_if_new(node, existing_nodes)
                 raise
             reachable = False
-            self.catalog.node_unreachable(node.id, exc.message, code=exc.code)
+            if not (node.reachable is False and node.last_error_code == exc.code):
+                self.catalog.node_unreachable(node.id, exc.message, code=exc.code)
             warnings.append(f"{exc.message}; registered anyway: backhaul probes the node "
                             "and backs up as soon as it answers")
 
-        target = self.catalog.add_target(node.id, path, every_minutes, keep)
-        if options:
-            self.catalog.set_target_options(target.id, **options)
-        if reachable and not warnings and node.reachable is not True:
+        # One catalog commit: the target, its options and (node down) its first failure.
+        target = self.catalog.add_target(node.id, path, every_minutes, keep,
+                                         failures=0 if reachable else 1, options=options)
+        node_changed = reachable and not warnings and node.reachable is not True
+        if node_changed:
             self.catalog.node_reachable(node.id)
         if reachable:
             self.scheduler.add_target(target.id, every_minutes)
@@ -115,11 +119,13 @@ class Control:
             first = self.clock() + dt.timedelta(seconds=every_minutes *
                                                 self.settings.minute_seconds)
             self.scheduler.add_target(target.id, every_minutes, first_run_at=first)
-            self.catalog.record_failure(target.id, None)
-            self.policy.ensure_probe(self.catalog.get_node(node.id))
+            if not self.scheduler.has_probe(node.id):  # else one is on its way already
+                self.policy.ensure_probe(self.catalog.get_node(node.id))
+                node_changed = True
         log.info("registered target %s: %s %s every %d min, keep %d", target.id,
                  node.address, path, every_minutes, keep)
-        return Registration(self.catalog.get_target(target.id), warnings)
+        return Registration(self.catalog.get_target(target.id) if node_changed else target,
+                            warnings)
 
     def set_target_options(self, target_id: int, **changes: Any) -> TargetOptions:
         """Change a target's pre/post commands, ``pre_optional`` or ping URL

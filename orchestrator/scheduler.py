@@ -229,6 +229,29 @@ class Scheduler:
                     out[tid] = when
         return out
 
+    def next_runs_of(self, target_ids: list[int]) -> dict[int, dt.datetime]:
+        """``next_runs`` of a page of targets: their interval jobs by key and the
+        pending retries by one index range (not every job of 10,000 targets)."""
+        if not target_ids:
+            return {}
+        wanted = set(target_ids)
+        query = sa.text(f"SELECT id, next_run_time FROM {TABLE} WHERE (id IN :ids OR "
+                        f"{dialect.prefix_range('id', self._dialect)}) "
+                        "AND next_run_time IS NOT NULL"
+                        ).bindparams(sa.bindparam("ids", expanding=True))
+        out: dict[int, dt.datetime] = {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(query, {"ids": [target_job(t) for t in wanted],
+                                        "lo": "retry:", "hi": "retry;"})
+            for job_id, ts in rows:
+                parsed = job_ident(job_id)
+                if parsed is None or parsed[1] not in wanted:
+                    continue
+                when = dt.datetime.fromtimestamp(ts, dt.UTC)
+                if parsed[1] not in out or when < out[parsed[1]]:
+                    out[parsed[1]] = when
+        return out
+
     def overdue(self, now: dt.datetime) -> list[dt.datetime]:
         """Due times of backup runs that should have started by ``now`` and have
         not: stored jobs whose time has passed (the scheduler has not fired

@@ -262,6 +262,25 @@ def _node(m: dict[str, Any], prefix: str = "") -> Node:
 _NODE_COLS = [c.label(f"n_{c.name}") for c in nodes.c]
 
 
+def _filter_targets(q: sa.Select, *, active_only: bool, node_id: int | None = None,
+                    host: str | None = None, port: int | None = None, user: str | None = None,
+                    path: str | None = None) -> sa.Select:
+    """The filters of ``list_targets`` on a query that joins targets and nodes."""
+    if active_only:
+        q = q.where(targets.c.unregistered_at.is_(None))
+    if node_id is not None:
+        q = q.where(targets.c.node_id == node_id)
+    if host is not None:
+        q = q.where(nodes.c.host == host)
+    if port is not None:
+        q = q.where(nodes.c.port == port)
+    if user is not None:
+        q = q.where(nodes.c.user == user)
+    if path is not None:
+        q = q.where(targets.c.path == path)
+    return q
+
+
 class Catalog:
     """All reads and writes of the catalog database.
 
@@ -440,7 +459,14 @@ class Catalog:
 
     # -- targets -----------------------------------------------------------
 
-    def add_target(self, node_id: int, path: str, every_minutes: int, keep: int) -> Target:
+    def add_target(self, node_id: int, path: str, every_minutes: int, keep: int, *,
+                   failures: int = 0, options: dict[str, Any] | None = None) -> Target:
+        """A new active target. ``failures`` (a node found down at registration)
+        and ``options`` (see ``set_target_options``) go in the same transaction:
+        one commit per registration, not three."""
+        unknown = set(options or {}) - set(TargetOptions.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown target options: {sorted(unknown)}")
         with self._tx() as conn:
             # Registrations on one node take turns (the node row's lock), so a
             # concurrent twin is seen by the check below, not by a constraint.
@@ -459,9 +485,12 @@ class Catalog:
             try:
                 tid = conn.execute(targets.insert().values(
                     node_id=node_id, path=path, every_minutes=every_minutes, keep=keep,
-                    created_at=self.clock(), failures=0)).inserted_primary_key[0]
+                    created_at=self.clock(), failures=failures)).inserted_primary_key[0]
             except IntegrityError as exc:  # lost a race with a concurrent insert
                 raise TargetExists(str(node_id), path, -1) from exc
+            if options:
+                conn.execute(target_options.insert().values(
+                    target_id=tid, **{**TargetOptions().__dict__, **options}))
         return self.get_target(tid)
 
     def _target_query(self) -> sa.Select:
@@ -485,24 +514,18 @@ class Catalog:
 
     def list_targets(self, *, active_only: bool = True, node_id: int | None = None,
                      host: str | None = None, port: int | None = None,
-                     user: str | None = None, path: str | None = None) -> list[Target]:
+                     user: str | None = None, path: str | None = None,
+                     limit: int | None = None, offset: int = 0) -> list[Target]:
+        """Targets in id order; ``limit``/``offset`` give one page of them."""
         # Targets and their (few) nodes are read apart and joined here: one
         # Node per node rather than one per target row keeps 10,000 cheap.
-        q = sa.select(targets).join(nodes, nodes.c.id == targets.c.node_id)
-        if active_only:
-            q = q.where(targets.c.unregistered_at.is_(None))
-        if node_id is not None:
-            q = q.where(targets.c.node_id == node_id)
-        if host is not None:
-            q = q.where(nodes.c.host == host)
-        if port is not None:
-            q = q.where(nodes.c.port == port)
-        if user is not None:
-            q = q.where(nodes.c.user == user)
-        if path is not None:
-            q = q.where(targets.c.path == path)
+        q = _filter_targets(sa.select(targets).join(nodes, nodes.c.id == targets.c.node_id),
+                            active_only=active_only, node_id=node_id, host=host, port=port,
+                            user=user, path=path).order_by(targets.c.id)
+        if limit is not None:
+            q = q.limit(limit).offset(offset)
         with self._tx(write=False) as conn:
-            rows = conn.execute(q.order_by(targets.c.id)).all()
+            rows = conn.execute(q).all()
             wanted = {r.node_id for r in rows}
             node_of = {n["id"]: _node(n) for n in (
                 _row(r) for r in conn.execute(sa.select(nodes).where(nodes.c.id.in_(wanted))))}
@@ -538,6 +561,29 @@ class Catalog:
                     "archives_kept": r.archives_kept or 0, "bytes_kept": r.bytes_kept or 0,
                 }
         return out
+
+    def target_counts(self, *, active_only: bool = True, host: str | None = None,
+                      port: int | None = None, user: str | None = None,
+                      path: str | None = None) -> dict[str, Any]:
+        """What a page of ``list_targets`` leaves out, in one aggregate query:
+        ``total`` targets matching the filters, how many by last run status
+        (``never`` for none yet) and how many sit on an unreachable node."""
+        last = sa.func.coalesce(runs.c.status, "never")
+        q = _filter_targets(
+            sa.select(last.label("status"), nodes.c.reachable, sa.func.count().label("n"))
+            .select_from(targets).join(nodes, nodes.c.id == targets.c.node_id)
+            .outerjoin(runs, runs.c.id == targets.c.last_run_id),
+            active_only=active_only, host=host, port=port, user=user, path=path,
+        ).group_by(last, nodes.c.reachable)
+        by_status: dict[str, int] = {}
+        unreachable = 0
+        with self._tx(write=False) as conn:
+            for r in conn.execute(q):
+                by_status[r.status] = by_status.get(r.status, 0) + r.n
+                if r.reachable is False:
+                    unreachable += r.n
+        return {"total": sum(by_status.values()), "by_status": by_status,
+                "node_unreachable": unreachable}
 
     def set_target_options(self, target_id: int, **changes: Any) -> TargetOptions:
         """Change some of a target's options (``pre_command``, ``post_command``,

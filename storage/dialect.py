@@ -22,6 +22,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
+from storage import group_commit
+
 SUPPORTED = ("sqlite", "postgresql")
 
 # An arbitrary constant: the key of the PostgreSQL advisory lock that lets one
@@ -56,7 +58,8 @@ def redacted(url: str) -> str:
 def create_engine(url: str, *, busy_timeout: float = 30.0, immediate: bool = True) -> Engine:
     """An engine for ``url`` set up for backhaul's use.
 
-    SQLite: WAL, synchronous=FULL, foreign keys, and write transactions that
+    SQLite: WAL, commits synced as under synchronous=FULL but concurrent ones
+    sharing one fsync (``storage/group_commit.py``), foreign keys, and write transactions that
     start with ``BEGIN IMMEDIATE`` (no lock upgrade deadlock between two
     writers); with ``immediate=False`` (readers) a plain deferred ``BEGIN``.
     PostgreSQL: READ COMMITTED, ``busy_timeout`` becomes the lock timeout, a
@@ -72,8 +75,15 @@ def create_engine(url: str, *, busy_timeout: float = 30.0, immediate: bool = Tru
                                   f"(use sqlite:///FILE or postgresql+psycopg://...)")
     try:
         if name == "sqlite":
-            engine = sa.create_engine(url, connect_args={"timeout": busy_timeout})
-            event.listen(engine, "connect", _sqlite_pragmas)
+            connect_args: dict[str, Any] = {"timeout": busy_timeout}
+            database = parsed.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                # commits as durable as synchronous=FULL, concurrent ones sharing
+                # one WAL fsync (storage/group_commit.py)
+                connect_args["factory"] = group_commit.connection_factory(database)
+            engine = sa.create_engine(url, connect_args=connect_args)
+            event.listen(engine, "connect", _sqlite_pragmas
+                         if "factory" in connect_args else _sqlite_pragmas_full)
             # pysqlite's own transaction handling defers BEGIN; take it over so
             # write transactions start with BEGIN IMMEDIATE (no upgrade deadlocks).
             begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
@@ -186,11 +196,16 @@ def database_size(engine: Engine) -> int:
     return 0
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") -> None:
     # Let SQLAlchemy emit BEGIN (see the "begin" listener) instead of pysqlite.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
+    # NORMAL: the group-commit connection syncs the WAL after each commit itself
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_pragmas_full(dbapi_conn: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, record, "FULL")

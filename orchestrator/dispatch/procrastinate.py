@@ -253,6 +253,12 @@ class QueuedSchedule:
         except sa.exc.SQLAlchemyError:  # no leader has created the job store yet
             return {}
 
+    def next_runs_of(self, target_ids: list[int]) -> dict[int, dt.datetime]:
+        try:
+            return self.reader.next_runs_of(target_ids)
+        except sa.exc.SQLAlchemyError:
+            return {}
+
     def overdue(self, now: dt.datetime) -> list[dt.datetime]:
         try:
             return self.reader.overdue(now)
