@@ -10,7 +10,7 @@ One queued job is one run of one target. Its locks carry the guarantees:
   another with its lock runs, so two runs of one target never overlap;
 - the per-node limit K holds across all workers through K PostgreSQL advisory
   lock slots per node (``NodeSlots``), tried without blocking: a run that gets
-  none raises ``NodeBusy`` and Procrastinate retries it a little later, so a
+  none is queued again as a new job a little later (``roles.execute``), so a
   run waiting for its node holds no worker thread.
 
 A worker's heartbeats (Procrastinate's worker table) tell the leader which
@@ -82,8 +82,12 @@ def ensure_schema(url: str) -> None:
 
 
 def _register_tasks(app: procrastinate.App) -> None:
-    @app.task(name=RUN_TASK, retry=procrastinate.RetryStrategy(
-        wait=NODE_BUSY_WAIT, retry_exceptions={NodeBusy}))
+    # No Procrastinate retry for a busy node: retrying puts the same job back
+    # to ``todo`` under its queueing lock, which fails (unique violation) once
+    # the next due run of the target waits there; the job then stays ``doing``
+    # on a live worker and its ``target-N`` lock blocks the target for good.
+    # ``roles.execute`` queues a new job instead (or lets the waiting one cover it).
+    @app.task(name=RUN_TASK)
     def run(target_id: int, trigger: str, due: str | None = None,
             full: bool = False) -> None:
         from orchestrator import roles
