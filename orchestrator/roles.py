@@ -37,10 +37,10 @@ def prepare(server: Server) -> None:
         NodeSlots,
         QueuedSchedule,
         RunQueue,
-        ensure_schema,
+        check_schema,
     )
     url = server.catalog.url
-    ensure_schema(url)
+    check_schema(url)
     server.queue = RunQueue(url)
     server.slots = NodeSlots(url, server.settings.per_node)
     # The real Scheduler is only read (next runs) until this process leads.

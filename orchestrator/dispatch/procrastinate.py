@@ -36,6 +36,7 @@ from procrastinate.jobs import Status
 
 from orchestrator import jobs
 from storage import dialect
+from storage.errors import CatalogError
 
 if TYPE_CHECKING:
     from orchestrator.scheduler import Scheduler
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 RUN_TASK = "backhaul.run"
 PROBE_TASK = "backhaul.probe"
 NODE_BUSY_WAIT = 2  # seconds before a run that found its node full tries again
-_SCHEMA_LOCK = dialect.owner_lock_key("procrastinate-schema")
 _NODE_SLOT_BASE = dialect.owner_lock_key("node-slot") % 2**30  # key1 = base + slot
 
 
@@ -65,20 +65,15 @@ def conninfo(url: str, *, keepalives: bool = True) -> str:
     return text
 
 
-def ensure_schema(url: str) -> None:
-    """Procrastinate's tables, created once (several processes may start
-    together: the first one, under an advisory lock, creates them)."""
-    schema = procrastinate.App(connector=procrastinate.SyncPsycopgConnector()) \
-        .schema_manager.get_schema()
+def check_schema(url: str) -> None:
+    """The run queue's tables are part of the catalog's schema (migration
+    0004, run when the catalog opened): a catalog without them is refused here,
+    in one line, rather than at the first queued job."""
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
-        try:
-            found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
-            if found is None or found[0] is None:
-                log.info("creating the run queue's tables (Procrastinate)")
-                conn.execute(schema)  # type: ignore[arg-type]  # no parameters: one script
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+        found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+    if found is None or found[0] is None:
+        raise CatalogError(f"the catalog {dialect.redacted(url)} has no run queue tables "
+                           "(procrastinate_jobs): run `backhauld migrate` on it")
 
 
 def _register_tasks(app: procrastinate.App) -> None:
