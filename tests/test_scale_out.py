@@ -62,22 +62,24 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
     url = pg.create_database()
     shared = tmp_path / "shared"
     api = Role("api", shared, server_key, url, "api")
-    leader = Role("sched-1", shared, server_key, url, "scheduler")
-    standby = Role("sched-2", shared, server_key, url, "scheduler")
+    schedulers = [Role(f"sched-{i}", shared, server_key, url, "scheduler") for i in (1, 2)]
     # bwlimit: the big target's transfer takes seconds, long enough to kill its worker
     workers = [Role(f"worker-{i}", shared, server_key, url, "worker", bwlimit="3MiB")
                for i in (1, 2)]
-    procs = [api, leader, standby, *workers]
+    procs = [api, *schedulers, *workers]
     with ExitStack() as stack:
         nodes = [node, own_node, *(
             stack.enter_context(SSHD(tmp_path / f"node{i}", server_key.public_line,
                                         host=f"127.0.0.{i}")) for i in (3, 4, 5))]
         try:
-            for p in procs:
-                p.start(timeout=30)
-            leader.wait_for(lambda: "this process is the leader" in leader.log(), 10,
-                            "the first scheduler to lead")
-            assert "standby" in standby.log() and "is the leader" not in standby.log()
+            with ThreadPoolExecutor(len(procs)) as pool:  # started together, as deployed
+                list(pool.map(lambda p: p.start(timeout=60), procs))
+            leader = api.wait_for(lambda: next((s for s in schedulers if
+                                                "this process is the leader" in s.log()), None),
+                                  10, "one scheduler to lead")
+            standby = next(s for s in schedulers if s is not leader)
+            standby.wait_for(lambda: "standby" in standby.log(), 10, "the other to wait")
+            assert "is the leader" not in standby.log()
             catalog = Catalog(url, migrate=False)  # the test's reader of the run log
             stack.callback(catalog.close)
 
@@ -143,7 +145,7 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
             api.wait_for(due_after_takeover, 3 * SMALL_EVERY,
                          "a scheduled run of every target under the new leader", interval=1)
 
-            check_run_log(catalog, [big, *small], worker_killed_at)
+            check_run_log(api, catalog, [big, *small], worker_killed_at)
 
             # A leader whose lock connection is cut stops scheduling and exits.
             key = owner_lock_key("scheduler")
@@ -174,7 +176,8 @@ def all_runs(catalog: Catalog) -> dict[int, list[dict]]:
     return by_target
 
 
-def check_run_log(catalog: Catalog, targets: list[dict], worker_killed_at: dt.datetime) -> None:
+def check_run_log(api: Role, catalog: Catalog, targets: list[dict],
+                  worker_killed_at: dt.datetime) -> None:
     """The run log over the whole test. A due time D (the schedule's grid,
     first due + k * every) is served by a finished run that started at or
     after D and was itself due no later than D + every: its own run, an
@@ -217,6 +220,9 @@ def check_run_log(catalog: Catalog, targets: list[dict], worker_killed_at: dt.da
                 lost.append((t["id"], d.isoformat()))
             d += every
     assert lost == [], f"due runs lost (target, due): {lost}"
+    for t in targets:  # no interrupted run's (partial) archive is listed
+        listed = api.api("GET", f"/targets/{t['id']}/backups").json()["backups"]
+        assert not {b["run_id"] for b in listed} & interrupted, f"target {t['id']}"
     for node_id, spans in spans_of_node.items():
         events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
         at_once = high = 0
