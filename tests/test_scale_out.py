@@ -72,8 +72,10 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
             stack.enter_context(SSHD(tmp_path / f"node{i}", server_key.public_line,
                                         host=f"127.0.0.{i}")) for i in (3, 4, 5))]
         try:
-            with ThreadPoolExecutor(len(procs)) as pool:  # started together, as deployed
-                list(pool.map(lambda p: p.start(timeout=60), procs))
+            # Started together, as deployed; five Pythons importing at once
+            # on a busy 2-core machine may take a while to answer.
+            with ThreadPoolExecutor(len(procs)) as pool:
+                list(pool.map(lambda p: p.start(timeout=120), procs))
             leader = api.wait_for(lambda: next((s for s in schedulers if
                                                 "this process is the leader" in s.log()), None),
                                   10, "one scheduler to lead")
