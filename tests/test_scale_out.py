@@ -104,8 +104,10 @@ def test_scale_out_recovers_a_killed_worker_and_a_killed_leader(
                          30, "a partial archive being written")
             victim = next(w for w in workers if w.proc is not None and w.pid == pid)
             survivor = next(w for w in workers if w is not victim)
-            victim.kill()
+            # Taken before the kill: a run another worker starts on the node
+            # once the victim's slot is free must not seem to overlap its runs.
             worker_killed_at = now()
+            victim.kill()
             killed = api.wait_for(lambda: [r for r in api.runs(big["id"])
                                            if r["status"] == "interrupted"], 15,
                                   "the killed worker's run recorded interrupted")[0]
