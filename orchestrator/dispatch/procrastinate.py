@@ -331,10 +331,27 @@ class Reaper:
             except Exception:  # noqa: BLE001 - the other stalled jobs still get theirs
                 log.exception("requeueing stalled job %s failed", job.id)
 
+    def _recorded(self, target_id: int, due: str | None) -> bool:
+        """Whether the catalog holds a finished run of ``target_id`` for the
+        due time ``due`` (a job's ``due`` argument): its worker ran it to the
+        end and died before telling the queue."""
+        if due is None:
+            return False
+        at = dt.datetime.fromisoformat(due)
+        return any(r["scheduled_at"] == at and r["status"] not in ("running", "interrupted")
+                   for r in self.catalog.list_runs(target_ids=[target_id], limit=100))
+
     async def _requeue(self, manager: Any, job: Any) -> None:
         if job.task_name == RUN_TASK:
             tid = int(job.task_kwargs["target_id"])
             ids = await asyncio.to_thread(self.catalog.interrupt_running, tid)
+            if not ids and await asyncio.to_thread(self._recorded, tid,
+                                                   job.task_kwargs.get("due")):
+                # Queued again, the due run would run twice.
+                await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
+                log.warning("target %s: the worker running job %s stopped heartbeating after "
+                            "its run was recorded: the job ends", tid, job.id)
+                return
             log.warning("target %s: the worker running job %s stopped heartbeating: "
                         "runs %s recorded interrupted, the job queued again", tid, job.id, ids)
             if self.after_interrupt is not None:
