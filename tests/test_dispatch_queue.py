@@ -145,3 +145,55 @@ def test_node_slots_hold_k_runs_per_node_across_connections(url: str) -> None:
             pass
     with b.slot(1):  # freed when the holders ended
         pass
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_dead_workers_job_runs_again_unless_its_run_was_recorded(url: str,
+                                                                     recorded: bool) -> None:
+    """A worker that dies between recording its run's end in the catalog and
+    telling the queue leaves its job ``doing``: the leader's Reaper must not
+    queue that due run again (it would run twice). A job whose run never
+    finished is queued again, for another worker."""
+    import asyncio
+    import datetime as dt
+    import threading
+
+    from orchestrator.dispatch.procrastinate import Reaper, make_app
+
+    catalog = Catalog(url)
+    queue = RunQueue(url)
+    try:
+        node = catalog.ensure_node("root", "127.0.0.1", 22)
+        tid = catalog.add_target(node.id, "/srv", 5, 10).id
+        due = dt.datetime(2026, 12, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
+        job_id = queue.enqueue(tid, "schedule", due=due)
+        run_id = catalog.start_run(tid, "schedule", scheduled_at=due)
+        if recorded:
+            catalog.finish_unchanged(run_id, tid, "f" * 64, 0)
+
+        async def worker_dies_then_leader_reaps() -> None:
+            app = make_app(url, sync=False)
+            async with app.open_async():
+                manager = app.job_manager
+                worker = await manager.register_worker()
+                job = await manager.fetch_job(None, worker)
+                assert job is not None and job.id == job_id
+                # The worker's heartbeat stops: it was killed.
+                await app.connector.execute_query_async(
+                    "UPDATE procrastinate_workers SET last_heartbeat = now() - interval "
+                    "'1 hour' WHERE id = %(id)s", id=worker)
+                reaper = Reaper(url, catalog, stall_timeout=5, every=1,
+                                stopping=threading.Event())
+                await reaper.reap(app)
+
+        asyncio.run(worker_dies_then_leader_reaps())
+        run = catalog.get_run(run_id)
+        if recorded:
+            assert queue.job_status(job_id) == "succeeded"
+            assert run["status"] == "unchanged"
+        else:
+            assert queue.job_status(job_id) == "todo"  # for another worker
+            assert run["status"] == "interrupted"
+    finally:
+        queue.close()
+        catalog.close()
