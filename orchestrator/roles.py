@@ -70,10 +70,10 @@ def prepare(server: Server) -> None:
         QueuedRunner,
         QueuedSchedule,
         RunQueue,
-        ensure_schema,
+        check_schema,
     )
     url = server.catalog.url
-    ensure_schema(url)
+    check_schema(url)
     server.queue = RunQueue(url)
     server.slots = NodeSlots(url, server.settings.per_node)
     # The real Scheduler is only read (next runs) until this process leads.
@@ -178,8 +178,10 @@ def _follow_catalog(server: Server, scheduler: Any, known: dict[int, int]) -> di
 
 def execute(server: Server, target_id: int, trigger: str, due: dt.datetime | None, *,
             full: bool = False) -> None:
-    """One queued run, on a worker. Raises ``NodeBusy`` (the queue retries
-    it shortly) when the node's K slots are taken by other workers."""
+    """One queued run, on a worker. When the node's K slots are taken by
+    other workers the run is queued again for ``NODE_BUSY_WAIT`` seconds later
+    (a new job: this one ends and frees its worker thread and target lock)."""
+    from orchestrator.dispatch.procrastinate import NODE_BUSY_WAIT, NodeBusy
     try:
         target = server.catalog.get_target(target_id)
     except NotFound:
@@ -194,9 +196,18 @@ def execute(server: Server, target_id: int, trigger: str, due: dt.datetime | Non
             server.policy.ensure_probe(target.node)
             return
         assert server.slots is not None and server.queue is not None
-        with server.slots.slot(target.node.id):
-            result = server.engine.run(target_id, trigger, queue=True, scheduled_at=due,
-                                       full=full)
+        try:
+            with server.slots.slot(target.node.id):
+                result = server.engine.run(target_id, trigger, queue=True, scheduled_at=due,
+                                           full=full)
+        except NodeBusy:
+            # None back: a job of the same kind already waits and covers this
+            # run (late rather than lost, as for a due run queued twice).
+            later = server.clock() + dt.timedelta(seconds=NODE_BUSY_WAIT)
+            job = server.queue.enqueue(target_id, trigger, due=due, at=later, full=full)
+            log.debug("target %s: node %s busy; %s", target_id, target.node.id,
+                      f"queued again as job {job}" if job else "a waiting run covers it")
+            return
         server.policy.after_run(target, result)
         if result.status == "interrupted":
             # This worker is stopping: another one takes the run over.

@@ -27,8 +27,13 @@ ADDED_IN_2 = {"nodes": {"last_error_code", "forgotten_at"},
 
 
 def schema_drift(cat: Catalog) -> list:
+    # The run queue's tables (revision 0004, PostgreSQL) are Procrastinate's
+    # schema, not the catalog's metadata: tests/test_dispatch_queue.py checks them.
+    def ours(name: str | None, type_: str, parents: dict) -> bool:
+        return not (type_ == "table" and (name or "").startswith("procrastinate_"))
     with cat.engine.connect() as conn:
-        return compare_metadata(MigrationContext.configure(conn), metadata)
+        return compare_metadata(MigrationContext.configure(conn, opts={"include_name": ours}),
+                                metadata)
 
 
 def load_release(tmp_path: Path, release: int) -> Path:

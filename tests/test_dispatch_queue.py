@@ -1,27 +1,117 @@
 """The run queue's guarantees, on a real PostgreSQL: a due run is queued once,
-per-node slots hold across connections (as across worker processes)."""
+per-node slots hold across connections (as across worker processes); its
+tables come with the catalog's schema (migration 0004)."""
 
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
-pytest.importorskip("procrastinate")
+procrastinate = pytest.importorskip("procrastinate")
+
+import psycopg  # noqa: E402
+from alembic import command  # noqa: E402
 
 from fixtures.postgres import PostgresCluster  # noqa: E402
 from orchestrator.dispatch.procrastinate import (  # noqa: E402
     NodeBusy,
     NodeSlots,
     RunQueue,
-    ensure_schema,
+    check_schema,
+    conninfo,
 )
+from storage import migrations  # noqa: E402
+from storage.catalog import Catalog  # noqa: E402
+from storage.errors import CatalogError  # noqa: E402
+
+QUEUE_TABLES = {"procrastinate_jobs", "procrastinate_workers", "procrastinate_events",
+                "procrastinate_periodic_defers"}
 
 
 @pytest.fixture
 def url(pg: PostgresCluster) -> str:
     url = pg.create_database()
-    ensure_schema(url)
-    ensure_schema(url)  # a second process starting finds the tables there
+    Catalog(url).close()  # the catalog's migrations create the queue's tables
+    check_schema(url)
     return url
+
+
+def tables(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def upgrade_to(url: str, revision: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(migrations._config(conn), revision)
+    finally:
+        engine.dispose()
+
+
+def test_the_queue_tables_come_with_a_postgresql_catalog_only(catalog_url: str) -> None:
+    Catalog(catalog_url).close()
+    if catalog_url.startswith("sqlite"):
+        assert not tables(catalog_url) & QUEUE_TABLES
+    else:
+        assert QUEUE_TABLES <= tables(catalog_url)
+        Catalog(catalog_url).close()  # opened again: nothing to do, nothing fails
+
+
+def test_the_queue_revision_keeps_the_tables_a_first_start_made(pg: PostgresCluster) -> None:
+    """Catalogs of the first scale-out builds got the tables from the first
+    process that started, before revision 0004: the revision leaves them, and
+    the jobs waiting in them, as they are."""
+    url = pg.create_database()
+    upgrade_to(url, "0003")
+    assert not tables(url) & QUEUE_TABLES
+    with pytest.raises(CatalogError, match="no run queue tables"):
+        check_schema(url)
+    # What that first start ran: Procrastinate's script, outside Alembic.
+    schema = procrastinate.App(connector=procrastinate.SyncPsycopgConnector()) \
+        .schema_manager.get_schema()
+    with psycopg.connect(conninfo(url), autocommit=True) as conn:
+        conn.execute(schema)
+    queue = RunQueue(url)
+    try:
+        job = queue.enqueue(7, "schedule")
+        assert job is not None
+        cat = Catalog(url)  # upgrades to head: 0004 finds the tables there
+        try:
+            with cat.engine.connect() as conn:
+                assert migrations.current(conn) == migrations.head()
+        finally:
+            cat.close()
+        assert queue.job_status(job) == "todo"
+        check_schema(url)
+    finally:
+        queue.close()
+
+
+def test_the_queue_revision_downgrades_and_upgrades_again(url: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(migrations._config(conn), "0003")
+    finally:
+        engine.dispose()
+    assert not tables(url) & QUEUE_TABLES
+    with psycopg.connect(conninfo(url)) as conn:  # its functions and types went too
+        left = conn.execute("SELECT count(*) FROM pg_proc WHERE proname LIKE 'procrastinate%'"
+                            " UNION ALL SELECT count(*) FROM pg_type "
+                            "WHERE typname LIKE 'procrastinate%'").fetchall()
+    assert left == [(0,), (0,)]
+    upgrade_to(url, "head")
+    assert QUEUE_TABLES <= tables(url)
+    queue = RunQueue(url)
+    try:
+        assert queue.enqueue(7, "schedule") is not None
+    finally:
+        queue.close()
 
 
 def test_a_due_run_is_queued_once_per_kind(url: str) -> None:
@@ -55,3 +145,55 @@ def test_node_slots_hold_k_runs_per_node_across_connections(url: str) -> None:
             pass
     with b.slot(1):  # freed when the holders ended
         pass
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_dead_workers_job_runs_again_unless_its_run_was_recorded(url: str,
+                                                                     recorded: bool) -> None:
+    """A worker that dies between recording its run's end in the catalog and
+    telling the queue leaves its job ``doing``: the leader's Reaper must not
+    queue that due run again (it would run twice). A job whose run never
+    finished is queued again, for another worker."""
+    import asyncio
+    import datetime as dt
+    import threading
+
+    from orchestrator.dispatch.procrastinate import Reaper, make_app
+
+    catalog = Catalog(url)
+    queue = RunQueue(url)
+    try:
+        node = catalog.ensure_node("root", "127.0.0.1", 22)
+        tid = catalog.add_target(node.id, "/srv", 5, 10).id
+        due = dt.datetime(2026, 12, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
+        job_id = queue.enqueue(tid, "schedule", due=due)
+        run_id = catalog.start_run(tid, "schedule", scheduled_at=due)
+        if recorded:
+            catalog.finish_unchanged(run_id, tid, "f" * 64, 0)
+
+        async def worker_dies_then_leader_reaps() -> None:
+            app = make_app(url, sync=False)
+            async with app.open_async():
+                manager = app.job_manager
+                worker = await manager.register_worker()
+                job = await manager.fetch_job(None, worker)
+                assert job is not None and job.id == job_id
+                # The worker's heartbeat stops: it was killed.
+                await app.connector.execute_query_async(
+                    "UPDATE procrastinate_workers SET last_heartbeat = now() - interval "
+                    "'1 hour' WHERE id = %(id)s", id=worker)
+                reaper = Reaper(url, catalog, stall_timeout=5, every=1,
+                                stopping=threading.Event())
+                await reaper.reap(app)
+
+        asyncio.run(worker_dies_then_leader_reaps())
+        run = catalog.get_run(run_id)
+        if recorded:
+            assert queue.job_status(job_id) == "succeeded"
+            assert run["status"] == "unchanged"
+        else:
+            assert queue.job_status(job_id) == "todo"  # for another worker
+            assert run["status"] == "interrupted"
+    finally:
+        queue.close()
+        catalog.close()

@@ -10,7 +10,7 @@ One queued job is one run of one target. Its locks carry the guarantees:
   another with its lock runs, so two runs of one target never overlap;
 - the per-node limit K holds across all workers through K PostgreSQL advisory
   lock slots per node (``NodeSlots``), tried without blocking: a run that gets
-  none raises ``NodeBusy`` and Procrastinate retries it a little later, so a
+  none is queued again as a new job a little later (``roles.execute``), so a
   run waiting for its node holds no worker thread.
 
 A worker's heartbeats (Procrastinate's worker table) tell the leader which
@@ -38,6 +38,7 @@ from procrastinate.jobs import Status
 from orchestrator import jobs
 from orchestrator.errors import WaitTimeout
 from storage import dialect
+from storage.errors import CatalogError
 
 if TYPE_CHECKING:
     from orchestrator.scheduler import Scheduler
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 RUN_TASK = "backhaul.run"
 PROBE_TASK = "backhaul.probe"
 NODE_BUSY_WAIT = 2  # seconds before a run that found its node full tries again
-_SCHEMA_LOCK = dialect.owner_lock_key("procrastinate-schema")
 _NODE_SLOT_BASE = dialect.owner_lock_key("node-slot") % 2**30  # key1 = base + slot
 
 
@@ -67,25 +67,24 @@ def conninfo(url: str, *, keepalives: bool = True) -> str:
     return text
 
 
-def ensure_schema(url: str) -> None:
-    """Procrastinate's tables, created once (several processes may start
-    together: the first one, under an advisory lock, creates them)."""
-    schema = procrastinate.App(connector=procrastinate.SyncPsycopgConnector()) \
-        .schema_manager.get_schema()
+def check_schema(url: str) -> None:
+    """The run queue's tables are part of the catalog's schema (migration
+    0004, run when the catalog opened): a catalog without them is refused here,
+    in one line, rather than at the first queued job."""
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
-        try:
-            found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
-            if found is None or found[0] is None:
-                log.info("creating the run queue's tables (Procrastinate)")
-                conn.execute(schema)  # type: ignore[arg-type]  # no parameters: one script
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+        found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+    if found is None or found[0] is None:
+        raise CatalogError(f"the catalog {dialect.redacted(url)} has no run queue tables "
+                           "(procrastinate_jobs): run `backhauld migrate` on it")
 
 
 def _register_tasks(app: procrastinate.App) -> None:
-    @app.task(name=RUN_TASK, retry=procrastinate.RetryStrategy(
-        wait=NODE_BUSY_WAIT, retry_exceptions={NodeBusy}))
+    # No Procrastinate retry for a busy node: retrying puts the same job back
+    # to ``todo`` under its queueing lock, which fails (unique violation) once
+    # the next due run of the target waits there; the job then stays ``doing``
+    # on a live worker and its ``target-N`` lock blocks the target for good.
+    # ``roles.execute`` queues a new job instead (or lets the waiting one cover it).
+    @app.task(name=RUN_TASK)
     def run(target_id: int, trigger: str, due: str | None = None,
             full: bool = False) -> None:
         server = jobs.installed()
@@ -378,10 +377,27 @@ class Reaper:
             except Exception:  # noqa: BLE001 - the other stalled jobs still get theirs
                 log.exception("requeueing stalled job %s failed", job.id)
 
+    def _recorded(self, target_id: int, due: str | None) -> bool:
+        """Whether the catalog holds a finished run of ``target_id`` for the
+        due time ``due`` (a job's ``due`` argument): its worker ran it to the
+        end and died before telling the queue."""
+        if due is None:
+            return False
+        at = dt.datetime.fromisoformat(due)
+        return any(r["scheduled_at"] == at and r["status"] not in ("running", "interrupted")
+                   for r in self.catalog.list_runs(target_ids=[target_id], limit=100))
+
     async def _requeue(self, manager: Any, job: Any) -> None:
         if job.task_name == RUN_TASK:
             tid = int(job.task_kwargs["target_id"])
             ids = await asyncio.to_thread(self.catalog.interrupt_running, tid)
+            if not ids and await asyncio.to_thread(self._recorded, tid,
+                                                   job.task_kwargs.get("due")):
+                # Queued again, the due run would run twice.
+                await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
+                log.warning("target %s: the worker running job %s stopped heartbeating after "
+                            "its run was recorded: the job ends", tid, job.id)
+                return
             log.warning("target %s: the worker running job %s stopped heartbeating: "
                         "runs %s recorded interrupted, the job queued again", tid, job.id, ids)
             if self.after_interrupt is not None:
