@@ -339,6 +339,41 @@ def run_scale(ctx: Context, *, targets: int | None = None, seconds: float | None
     return out
 
 
+def poll_cost(pg: PostgresCluster, targets: int, nodes: int, repeat: int = 3) -> dict[str, Any]:
+    """What the leader's poll of the catalog (``Catalog.list_targets()``,
+    every ``--sync-every`` seconds, roles._follow_catalog) costs with
+    ``targets`` active targets on ``nodes`` nodes: rows written in bulk, then
+    the call timed in this process (wall and CPU)."""
+    import sqlalchemy as sa
+
+    from storage.catalog import Catalog
+    from storage.catalog import nodes as nodes_t
+    from storage.catalog import targets as targets_t
+    catalog = Catalog(pg.create_database("poll"))
+    now = dt.datetime.now(dt.UTC)
+    try:
+        with catalog.engine.begin() as conn:
+            conn.execute(sa.insert(nodes_t), [
+                {"id": i + 1, "user": "backup", "host": f"127.{i // 250}.{i % 250}.2",
+                 "port": 22, "probe_attempts": 0, "created_at": now} for i in range(nodes)])
+            conn.execute(sa.insert(targets_t), [
+                {"id": i + 1, "node_id": i % nodes + 1, "path": f"/srv/data/t{i}",
+                 "every_minutes": 60, "keep": 10, "failures": 0, "created_at": now}
+                for i in range(targets)])
+        walls, cpus = [], []
+        for _ in range(repeat):
+            c0, t0 = time.process_time(), time.perf_counter()
+            got = len(catalog.list_targets())
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        if got != targets:
+            raise BenchError(f"list_targets gave {got} targets, not {targets}")
+    finally:
+        catalog.close()
+    return {"targets": targets, "nodes": nodes, "wall_s": statistics.median(walls),
+            "cpu_s": statistics.median(cpus)}
+
+
 def main() -> int:
     from bench.report import table
     parser = argparse.ArgumentParser(prog="python -m bench.scale")
@@ -346,7 +381,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--modes", default="unchanged,delta")
     parser.add_argument("--workers", default="1,2", help="worker counts to run, e.g. 1,2")
+    parser.add_argument("--poll", type=int, metavar="N",
+                        help="only time the leader's catalog poll with N targets on N/20 nodes")
     args = parser.parse_args()
+    if args.poll:
+        with PostgresCluster() as pg:
+            print(json.dumps(poll_cost(pg, args.poll, max(1, args.poll // 20))))
+        return 0
     scratch = Path(tempfile.mkdtemp(prefix="backhaul-bench-scale-"))
     ctx = Context(quick=False, cache=scratch / "cache", scratch=scratch,
                   log=lambda s: print(s, file=sys.stderr, flush=True))
