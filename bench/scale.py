@@ -115,11 +115,12 @@ def pg_counters(url: str) -> dict[str, Any]:
     with psycopg.connect(_pg_dsn(url), autocommit=True) as conn:
         tables = {name: (ins, upd, dele) for name, ins, upd, dele in conn.execute(
             "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")}
-        commits, rollbacks = conn.execute(
-            "SELECT xact_commit, xact_rollback FROM pg_stat_database "
-            "WHERE datname = current_database()").fetchone()
+        commits, rollbacks, db_rows = conn.execute(
+            "SELECT xact_commit, xact_rollback, tup_inserted + tup_updated + tup_deleted "
+            "FROM pg_stat_database WHERE datname = current_database()").fetchone()
         wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()[0]
-    return {"tables": tables, "commits": commits, "rollbacks": rollbacks, "wal": float(wal)}
+    return {"tables": tables, "commits": commits, "rollbacks": rollbacks, "db_rows": db_rows,
+            "wal": float(wal)}
 
 
 def pg_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +131,8 @@ def pg_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             tables[name] = {"inserted": i - i0, "updated": u - u0, "deleted": d - d0}
     return {"tables": tables, "commits": after["commits"] - before["commits"],
             "rollbacks": after["rollbacks"] - before["rollbacks"],
+            # pg_stat_database's tup_* over the whole database: a cross-check
+            "db_rows_written": after["db_rows"] - before["db_rows"],
             "wal_bytes": after["wal"] - before["wal"]}
 
 
