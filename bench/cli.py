@@ -27,6 +27,7 @@ from bench.full import run_full, run_pigz
 from bench.harness import REPO, Context
 from bench.memory import run_memory
 from bench.report import Metric, failed, table, write_json
+from bench.scale import run_scale
 from bench.transport import run_transport
 from bench.unchanged import run_unchanged
 
@@ -41,6 +42,8 @@ SECTIONS: dict[str, tuple[str, Callable[[Context], list[Metric]]]] = {
     "memory": ("backhauld RSS: streaming, many targets", run_memory),
     "bwlimit": ("--bwlimit accuracy", run_bwlimit),
     "delta": ("changed backups: wire bytes and time vs rsync -az over OpenSSH", run_delta),
+    "scale": ("runs/s, CPU, PostgreSQL rows per run, dispatch latency: 1 and 2 workers",
+              run_scale),
 }
 RESULTS = REPO / "bench" / "results" / "latest.json"
 
