@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,15 @@ def test_what_the_copy_refuses(tmp_path: Path, install: Install, server_key: Ser
                            env=env), "not a directory")
     one_error_line(migrate("--from-data-dir", str(src), "--catalog-url", pg.create_database(),
                            env=env), "--store-url")
+    # a backhauld running on the destination database
+    taken = pg.create_database()
+    other = LiveServer(tmp_path / "other", server_key, catalog_url=taken)
+    other.start()
+    try:
+        one_error_line(migrate(*copy_args(src, taken, s3, bucket), env=env),
+                       "another backhauld already runs the scheduler")
+    finally:
+        other.stop()
     # a backhauld running on the source
     srv = LiveServer(src, server_key)
     srv.start()
@@ -356,3 +366,13 @@ def test_what_the_copy_refuses(tmp_path: Path, install: Install, server_key: Ser
     assert usage.returncode == 2 and "--from-data-dir" in usage.stderr
     plain = migrate("--data-dir", str(src))
     assert plain.returncode == 0 and "nothing to do" in plain.stdout, plain.stderr
+
+
+def test_every_option_of_migrate_is_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = migrate("--help")
+    assert shown.returncode == 0
+    options = set(re.findall(r"(--[a-z][a-z-]+)", shown.stdout)) - {"--help"}
+    assert {"--from-data-dir", "--store-url", "--resume"} <= options
+    missing = [o for o in sorted(options) if f"{o}" not in readme.split("## Monitoring")[0]]
+    assert not missing, f"backhauld migrate options missing from README.md: {missing}"
