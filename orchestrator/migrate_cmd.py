@@ -28,7 +28,8 @@ def migrate(argv: Sequence[str]) -> int:
                     "store of --store-url (e.g. S3), leaving the source untouched.")
     parser.add_argument("--catalog-url", default=None, metavar="URL",
                         help=f"catalog database (env {ENV_PREFIX}CATALOG_URL; default "
-                             "catalog.db in the data dir)")
+                             "catalog.db in the data dir); with --from-data-dir, the "
+                             "destination catalog the install is copied into")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help=f"data directory (env {ENV_PREFIX}DATA_DIR, "
                              "default ./backhaul-data)")

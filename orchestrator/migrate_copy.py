@@ -490,6 +490,10 @@ def copy_install(plan: CopyPlan, progress_out: IO[str]) -> CopyReport:
         _check_destination_catalog(dest_catalog.engine, src_engine, plan.resume)
         present = _check_destination_store(dest_store, {a["file_name"] for a in archives},
                                            plan.resume)
+        # An interrupted copy may have left an upload (or temp file) behind;
+        # no backhauld writes here (the scheduler lock above), so it goes.
+        for left in dest_store.sweep_temp_files():
+            print(f"migrate: removed the unfinished upload {left}", file=progress_out)
         src_store = ArchiveStore(src_archives_dir) if src_archives_dir.is_dir() else None
 
         report = CopyReport(archives=len(archives))

@@ -71,7 +71,7 @@ def install(tmp_path_factory: pytest.TempPathFactory, server_key: ServerKey,
         (tree / "notes.txt").write_text(f"{name} 1\n")
         trees[name] = tree
     srv = LiveServer(root / "data", server_key)
-    srv.start()
+    srv.start(timeout=90)
     try:
         ids = {}
         for name, keep in (("alpha", 10), ("beta", 1)):
@@ -179,7 +179,7 @@ def test_an_install_moves_to_postgresql_and_s3(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     srv = new_server(src, server_key, url, s3, bucket)
-    srv.start()
+    srv.start(timeout=90)
     try:
         assert "job store reconciled" not in srv.log()  # nothing was missing
         for tid, made in install.backups.items():
@@ -232,7 +232,7 @@ def test_a_target_without_jobs_is_scheduled_at_start(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     srv = new_server(src, server_key, url, s3, bucket)
-    srv.start()
+    srv.start(timeout=90)
     try:
         jobs = set(pg_ids(url, "SELECT id FROM apscheduler_jobs"))
         assert {f"target:{tid}" for tid in install.trees} <= jobs
@@ -264,7 +264,7 @@ def test_an_archive_that_does_not_match_is_reported_and_not_copied(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     srv = new_server(src, server_key, url, s3, bucket)
-    srv.start()
+    srv.start(timeout=90)
     try:
         listed = {b["id"]: b for b in srv.api("GET", f"/targets/{tid}/backups").json()["backups"]}
         assert listed[bad["id"]]["state"] == "corrupt" and not listed[bad["id"]]["retained"]
@@ -288,6 +288,8 @@ def test_resume_finishes_an_interrupted_copy_and_refuses_what_is_not_its_own(
     # database and a bucket that holds every archive but one.
     gone = next(k for k in keys(s3, bucket) if k.endswith(install.kept()[0]["file_name"]))
     s3.client().delete_object(Bucket=bucket, Key=gone)
+    # ... and the upload a killed copy left unfinished
+    dead = s3.client().create_multipart_upload(Bucket=bucket, Key=gone)["UploadId"]
     url = pg.create_database()
     refused = migrate(*copy_args(src, url, s3, bucket), env=env)
     one_error_line(refused, "already holds", "--resume")
@@ -296,6 +298,9 @@ def test_resume_finishes_an_interrupted_copy_and_refuses_what_is_not_its_own(
     n = len(install.kept())
     assert "1 archives copied" in again.stdout and f"{n - 1} already there" in again.stdout
     assert again.stderr.count("skipped") == n - 1
+    uploads = s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads") or []
+    assert dead not in {u["UploadId"] for u in uploads}
+    assert "removed the unfinished upload" in again.stderr
     # Resuming over a complete copy is harmless; a plain run is refused.
     assert migrate(*copy_args(src, url, s3, bucket, "--resume"), env=env).returncode == 0
     one_error_line(migrate(*copy_args(src, url, s3, bucket), env=env), "already holds rows")
@@ -306,7 +311,7 @@ def test_resume_finishes_an_interrupted_copy_and_refuses_what_is_not_its_own(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     srv = new_server(src, server_key, url, s3, bucket)
-    srv.start()
+    srv.start(timeout=90)
     try:
         tid = max(install.trees)
         (install.trees[tid] / "notes.txt").write_text("used since\n")
@@ -345,7 +350,7 @@ def test_what_the_copy_refuses(tmp_path: Path, install: Install, server_key: Ser
     # a backhauld running on the destination database
     taken = pg.create_database()
     other = LiveServer(tmp_path / "other", server_key, catalog_url=taken)
-    other.start()
+    other.start(timeout=90)
     try:
         one_error_line(migrate(*copy_args(src, taken, s3, bucket), env=env),
                        "another backhauld already runs the scheduler")
@@ -353,7 +358,7 @@ def test_what_the_copy_refuses(tmp_path: Path, install: Install, server_key: Ser
         other.stop()
     # a backhauld running on the source
     srv = LiveServer(src, server_key)
-    srv.start()
+    srv.start(timeout=90)
     try:
         one_error_line(migrate(*copy_args(src, pg.create_database(), s3, bucket), env=env),
                        "a backhauld is running on")
