@@ -224,3 +224,27 @@ def test_a_copy_the_server_refuses_aborts_the_upload(s3_env: SeaweedS3,
         compose_into(s3, prev, prev_index, tar_raw(root), run_id=2,
                      read=lambda off, n: prev_archive[off:off + n])
     assert s3.files() == set() and no_uploads_left(s3)
+
+
+def test_reading_an_archive_in_order_reads_ahead_and_stays_exact(s3_env: SeaweedS3) -> None:
+    """A delta walks the previous archive member by member: the next block
+    is fetched while the reader works on this one; the bytes stay exact up
+    to the end, and a deleted archive is not served from what was read ahead."""
+    from storage.stores.s3 import READ_BLOCK
+
+    s3, _ = s3_store(s3_env)
+    data = random.Random(5).randbytes(3 * READ_BLOCK + 12345)
+    with s3.writer(NODE, 7, 1, T0) as w:
+        w.write(data)
+        name = w.commit().file_name
+    got = bytearray()
+    step = 700_001
+    for off in range(0, len(data), step):
+        got += s3.read_range(name, off, step)
+    assert bytes(got) == data
+    again = S3ArchiveStore(s3.url, endpoint_url=s3_env.endpoint, region="us-east-1")  # no cache
+    assert again.read_range(name, 0, 10) == data[:10]
+    assert again.read_range(name, READ_BLOCK - 5, 10) == data[READ_BLOCK - 5:READ_BLOCK + 5]
+    again.delete(name)  # block 2, read ahead by now or soon, is forgotten
+    with pytest.raises(ArchiveWriteError):
+        again.read_range(name, 2 * READ_BLOCK, 10)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import itertools
 import logging
 import re
 import threading
@@ -46,10 +45,11 @@ log = logging.getLogger(__name__)
 ARCHIVE_SUFFIX = ".tar.gz"
 INDEX_SUFFIX = ".index"
 MIN_PART = 5 * 2**20  # S3's smallest part (but the last)
-COPY_PART = 32 * 2**20  # a long copied run is copied in parts of at most this size
+COPY_PART = 16 * 2**20  # a long copied run is copied in parts of at most this size
 COPIES_IN_FLIGHT = 2  # copy parts requested concurrently (they hold no bytes here)
 READ_BLOCK = 4 * 2**20  # ranged reads below this size go through cached blocks
 READ_BLOCKS_KEPT = 4  # blocks kept, over all readers (16 MiB)
+READ_AHEAD = 1  # blocks read ahead of a reader walking an archive in order
 _KEY = re.compile(r"^[A-Za-z0-9._@-]+/[0-9]+/[A-Za-z0-9._-]+$")
 
 
@@ -76,30 +76,26 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Run:
-    """Consecutive bytes of one stored archive handed to ``copy_range``: a
-    copy part once long enough. Until then its bytes are kept (it may end
-    short and be uploaded after all); after, only its first ``head`` bytes,
-    which top the bytes uploaded before it up to a valid part."""
+    """Consecutive bytes of one stored archive handed to ``copy_range``.
+    Until it is long enough to copy, its bytes are kept (it may end short
+    and be uploaded after all); then only its first ``head`` bytes, which
+    top the bytes uploaded before it up to a valid part, are sent, and the
+    rest is copied as it grows (``copied``: where the next copy part starts)."""
 
-    __slots__ = ("head", "kept", "length", "offset", "source", "_whole")
+    __slots__ = ("copied", "head", "kept", "length", "offset", "source")
 
     def __init__(self, source: str, offset: int, head: int) -> None:
         self.source, self.offset, self.head = source, offset, head
         self.length = 0
         self.kept: list[bytes] = []
-        self._whole = True
+        self.copied: int | None = None  # None: not (yet) copying
 
     @property
-    def copies(self) -> bool:
-        return self.length - self.head >= MIN_PART
+    def end(self) -> int:
+        return self.offset + self.length
 
-    def add(self, data: bytes) -> None:
-        self.length += len(data)
-        if self._whole:
-            self.kept.append(data)
-            if self.copies:
-                self.kept = [b"".join(self.kept)[:self.head]]
-                self._whole = False
+    def long_enough(self) -> bool:
+        return self.length - self.head >= MIN_PART
 
 
 class S3ArchiveWriter:
@@ -152,15 +148,15 @@ class S3ArchiveWriter:
 
     def copy_range(self, source: str, offset: int, data: bytes) -> None:
         """``data`` are the bytes at ``offset`` of the stored archive
-        ``source``: hashed here, copied by the store when the run they
-        continue grows long enough, else uploaded."""
+        ``source``: hashed here, copied by the store once the run they
+        continue is long enough, else uploaded."""
         assert self._upload_id is not None and not self._done, "writer already closed"
         if not data:
             return
         self._hash.update(data)
         self.size += len(data)
         run = self._run
-        if run is not None and (run.source != source or run.offset + run.length != offset):
+        if run is not None and (run.source != source or run.end != offset):
             self._end_run()
             run = None
         if run is None:
@@ -170,29 +166,42 @@ class S3ArchiveWriter:
             # Bytes waiting to be uploaded must make a part of MIN_PART: the
             # run's first bytes top them up.
             run = self._run = _Run(source, offset, MIN_PART - len(self._buf) if self._buf else 0)
-        run.add(data)
+        run.length += len(data)
+        if run.copied is None:
+            run.kept.append(data)
+            if not run.long_enough():
+                return
+            # It will be copied: the bytes before it go with its head.
+            if self._buf or run.head:
+                self._buf += b"".join(run.kept)[:run.head]
+                self._upload(bytes(self._buf))
+                self._buf = bytearray()
+            run.kept = []
+            run.copied = run.offset + run.head
+        # Copy parts start while the run still grows (the copying overlaps
+        # the reading), always leaving >= MIN_PART for the last one.
+        part = self._store.copy_part
+        while run.end - run.copied >= part + MIN_PART:
+            self._copy(source, run.copied, part)
+            run.copied += part
 
     def _end_run(self) -> None:
         run, self._run = self._run, None
         if run is None:
             return
-        if not run.copies:  # too short for a part of its own: uploaded
+        if run.copied is None:  # too short for a part of its own: uploaded
             for piece in run.kept:
                 self._buf += piece
             self._flush_parts()
             return
-        if self._buf or run.head:
-            self._buf += run.kept[0]
-            assert len(self._buf) >= MIN_PART
-            self._upload(bytes(self._buf))
-            self._buf = bytearray()
-        start, length = run.offset + run.head, run.length - run.head
-        # Parts of at most copy_part (each >= MIN_PART, as length >= MIN_PART
-        # and copy_part >= 2 * MIN_PART), copied concurrently.
-        n = -(-length // self._store.copy_part)
-        bounds = [start + length * i // n for i in range(n + 1)]
-        for a, b in itertools.pairwise(bounds):
-            self._copy(run.source, a, b - a)
+        # What is left, MIN_PART <= rest < copy_part + MIN_PART: one part,
+        # or two halves of >= MIN_PART each (copy_part >= 2 * MIN_PART).
+        rest = run.end - run.copied
+        if rest <= self._store.copy_part:
+            self._copy(run.source, run.copied, rest)
+        else:
+            self._copy(run.source, run.copied, rest // 2)
+            self._copy(run.source, run.copied + rest // 2, rest - rest // 2)
 
     def _flush_parts(self) -> None:
         while len(self._buf) >= self._store.part_size:
@@ -354,6 +363,9 @@ class S3ArchiveStore:
         self.client = client
         self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._blocks_lock = threading.Lock()
+        self._ahead: dict[tuple[str, int], Future[bytes]] = {}  # blocks being read ahead
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._last_block: dict[str, int] = {}  # per archive, the last block fetched
         try:
             # a listing, not HeadBucket: some servers answer HeadBucket
             # without checking the signature
@@ -441,17 +453,35 @@ class S3ArchiveStore:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 return self._blocks[key]
-        data = self._get_range(file_name, number * READ_BLOCK, READ_BLOCK)
+            ahead = self._ahead.pop(key, None)
+            sequential = self._last_block.get(file_name) == number - 1
+            self._last_block[file_name] = number
+        data = ahead.result() if ahead is not None else \
+            self._get_range(file_name, number * READ_BLOCK, READ_BLOCK)
         with self._blocks_lock:
             self._blocks[key] = data
             while len(self._blocks) > READ_BLOCKS_KEPT:
                 self._blocks.popitem(last=False)
+            # A reader walking the archive (a delta reads every member it
+            # reuses, in order) gets the next block fetched while it works
+            # on this one.
+            nxt = (file_name, number + 1)
+            if sequential and len(data) == READ_BLOCK and nxt not in self._blocks \
+                    and nxt not in self._ahead and len(self._ahead) < READ_AHEAD:
+                if self._ahead_pool is None:
+                    self._ahead_pool = ThreadPoolExecutor(max_workers=READ_AHEAD,
+                                                          thread_name_prefix="s3-read")
+                self._ahead[nxt] = self._ahead_pool.submit(
+                    self._get_range, file_name, (number + 1) * READ_BLOCK, READ_BLOCK)
         return data
 
     def _forget(self, file_name: str) -> None:
         with self._blocks_lock:
             for key in [k for k in self._blocks if k[0] == file_name]:
                 del self._blocks[key]
+            for key in [k for k in self._ahead if k[0] == file_name]:
+                del self._ahead[key]
+            self._last_block.pop(file_name, None)
 
     def _get_range(self, file_name: str, offset: int, length: int) -> bytes:
         try:
