@@ -304,6 +304,9 @@ class S3ArchiveWriter:
             self._store._delete_key(self._key)
             raise ArchiveWriteError(f"{self.final_name} was stored with {stored} bytes, "
                                     f"{self.size} were sent")
+        if self.bytes_copied:
+            log.info("%s: %d of %d bytes copied by the store from the previous archive",
+                     self.final_name, self.bytes_copied, self.size)
         return ArchiveFacts(self.final_name, self.size, digest, self.created_at)
 
     def abort(self) -> None:
