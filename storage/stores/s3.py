@@ -140,6 +140,8 @@ class S3ArchiveWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._upload_id is not None and not self._done, "writer already closed"
+        if not data:
+            return  # nothing that would end a run
         self._end_run()
         self._hash.update(data)
         self.size += len(data)
