@@ -424,7 +424,9 @@ class BackupEngine:
             run.fetch([it for it in plan.items if it.kind == "fetch"])
             for attempt in (1, 2):
                 with self.store.writer(node_dir, target.id, run_id, created_at) as writer:
-                    index, bad, stats = run.compose(self._capped(writer), self.level)
+                    index, bad, stats = run.compose(
+                        self._capped(writer), self.level,
+                        self._capped_copy(writer, prev_file))
                     if bad and attempt == 1:
                         # Changed while its pieces were read: fetch it whole.
                         for it in bad:
@@ -487,6 +489,20 @@ class BackupEngine:
             writer.write(data)
 
         return write
+
+    def _capped_copy(self, writer: ArchiveWriter,
+                     source: str) -> Callable[[int, bytes], None]:
+        """``writer.copy_range`` from the previous archive ``source``, under
+        the same --max-archive-size as ``_capped``."""
+        cap = self.limits.archive.max_archive_size
+
+        def copy(offset: int, data: bytes) -> None:
+            if cap and writer.size + len(data) > cap:
+                raise ArchiveTooLarge(f"the archive grew past {format_size(cap)} "
+                                      "(--max-archive-size); nothing was kept")
+            writer.copy_range(source, offset, data)
+
+        return copy
 
     def _commit(self, target: Target, run_id: int, facts: ArchiveFacts, fingerprint: str,
                 wire: _Payload, warnings: list[str], transfer: str,

@@ -112,6 +112,11 @@ class ArchiveWriter:
         except OSError as exc:
             raise ArchiveWriteError(_describe(exc, f"cannot write {self.final_name}")) from exc
 
+    def copy_range(self, source: str, offset: int, data: bytes) -> None:
+        """Bytes of a stored archive, reused: on a local disk writing them is
+        the copy (they were just read from the page cache)."""
+        self.write(data)
+
     def commit(self, index: ArchiveIndex | None = None) -> ArchiveFacts:
         """Makes the archive durable and visible; with ``index``, its index
         first (the index learns the archive's sha256 and size here)."""

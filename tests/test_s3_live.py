@@ -84,7 +84,8 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path: Path, server_key: ServerK
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
-        (src / f"f{i}.bin").write_bytes(os.urandom(300_000))
+        # 12 MiB reused by each delta: copied by the store (UploadPartCopy)
+        (src / f"f{i}.bin").write_bytes(os.urandom(3 * 2**20))
     (src / "notes.txt").write_text("first\n")
     srv = server_on(tmp_path, server_key, pg, s3_env, bucket)
     srv.start()
@@ -99,6 +100,7 @@ def test_the_whole_flow_on_postgresql_and_s3(tmp_path: Path, server_key: ServerK
             assert r.json()["run"]["transfer"] == "delta", r.text
         runs = [r for r in srv.runs(t["id"]) if r["status"] == "success"]
         assert sorted(r["transfer"] for r in runs) == ["delta", "delta", "full"]
+        assert srv.log().count("bytes copied by the store") == 2, srv.log()[-3000:]
         made = srv.api("GET", f"/targets/{t['id']}/backups").json()["backups"]
         backups = [b for b in made if b["retained"]]
         rotated = [b for b in made if not b["retained"]]

@@ -161,9 +161,16 @@ def compose_like_a_delta(prev_archive: bytes, prev_index: ArchiveIndex, new_raw:
     metadata changed), ``patches`` (path -> pieces) patch, the rest is added."""
     from storage.tgz import Composer
 
-    patches = patches or {}
     out = io.BytesIO()
     comp = Composer(out.write, reader_of(prev_archive, prev_index))
+    index = feed_like_a_delta(comp, prev_index, new_raw, patches)
+    return out.getvalue(), index, comp
+
+
+def feed_like_a_delta(comp, prev_index: ArchiveIndex, new_raw: bytes,  # noqa: ANN001
+                      patches: dict | None = None) -> ArchiveIndex:
+    """``compose_like_a_delta``'s steps into a given Composer; its index."""
+    patches = patches or {}
     for path, header, data in tar_entries(new_raw):
         old = prev_index.by_path(path)
         if path in patches:
@@ -178,5 +185,4 @@ def compose_like_a_delta(prev_archive: bytes, prev_index: ArchiveIndex, new_raw:
             comp.copy(old)
         else:
             comp.add(header, [data[i:i + 100_000] for i in range(0, len(data), 100_000)])
-    index = comp.finish()
-    return out.getvalue(), index, comp
+    return comp.finish()

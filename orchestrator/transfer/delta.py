@@ -541,12 +541,15 @@ class DeltaRun:
 
     # -- compose and verify -------------------------------------------------------------
 
-    def compose(self, out: Callable[[bytes], None],
-                level: int | None) -> tuple[ArchiveIndex, list[Item], dict[str, int]]:
+    def compose(self, out: Callable[[bytes], None], level: int | None,
+                copied: Callable[[int, bytes], None] | None = None,
+                ) -> tuple[ArchiveIndex, list[Item], dict[str, int]]:
         """Writes the new archive; returns its index, the reassembled files
-        whose hash differs from the node's, and the composer's stats."""
+        whose hash differs from the node's, and the composer's stats.
+        ``copied(offset, data)`` receives the previous archive's members
+        reused verbatim (the store writer's ``copy_range``), ``out`` the rest."""
         # The archive writer hashes the archive as it writes: once is enough.
-        composer = Composer(out, self.prev, level=level, hash_archive=False)
+        composer = Composer(out, self.prev, level=level, hash_archive=False, copied=copied)
         vanished = []
         run: list[Entry] = []  # consecutive unchanged entries: copied as whole members
         for it in self.plan.items:

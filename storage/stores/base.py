@@ -26,6 +26,14 @@ class StoreWriter(Protocol):
 
     def write(self, data: bytes | memoryview) -> None: ...
 
+    def copy_range(self, source: str, offset: int, data: bytes) -> None:
+        """Appends ``data``, which are the bytes at ``offset`` of the stored
+        archive ``source`` (a delta reuses the previous archive's members).
+        The same as ``write(data)`` for the archive's bytes and sha256; a
+        store that can copy a stored range without sending it (S3's
+        UploadPartCopy) may do so for long runs of consecutive ranges."""
+        ...
+
     def commit(self, index: Any = None) -> ArchiveFacts: ...
 
     def abort(self) -> None: ...

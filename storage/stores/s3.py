@@ -8,7 +8,10 @@ and the index beside it (same stem, ``.index``).
 
 - Writes stream as a multipart upload: one part (``part_size``, 8 MiB by
   default) is buffered at a time, the sha256 is computed on the fly, and each
-  part's ETag is checked against its MD5. Nothing is visible until
+  part's ETag is checked against its MD5. A delta's long runs of members
+  reused from the previous archive (``copy_range``) become copy parts
+  (UploadPartCopy with a source range): the store copies them, nothing is
+  sent again; their bytes were read once anyway, for the sha256. Nothing is visible until
   ``commit()`` completes the upload, which the caller does only after the
   stream passed its checks; any failure aborts it. The completed object's size
   is checked before the facts are returned.
@@ -42,8 +45,11 @@ log = logging.getLogger(__name__)
 ARCHIVE_SUFFIX = ".tar.gz"
 INDEX_SUFFIX = ".index"
 MIN_PART = 5 * 2**20  # S3's smallest part (but the last)
+COPY_PART = 16 * 2**20  # a long copied run is copied in parts of at most this size
+COPIES_IN_FLIGHT = 2  # copy parts requested concurrently (they hold no bytes here)
 READ_BLOCK = 4 * 2**20  # ranged reads below this size go through cached blocks
 READ_BLOCKS_KEPT = 4  # blocks kept, over all readers (16 MiB)
+READ_AHEAD = 1  # blocks read ahead of a reader walking an archive in order
 _KEY = re.compile(r"^[A-Za-z0-9._@-]+/[0-9]+/[A-Za-z0-9._-]+$")
 
 
@@ -69,8 +75,40 @@ def _describe(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300] or exc.__class__.__name__
 
 
+class _Run:
+    """Consecutive bytes of one stored archive handed to ``copy_range``.
+    Until it is long enough to copy, its bytes are kept (it may end short
+    and be uploaded after all); then only its first ``head`` bytes, which
+    top the bytes uploaded before it up to a valid part, are sent, and the
+    rest is copied as it grows (``copied``: where the next copy part starts)."""
+
+    __slots__ = ("copied", "head", "kept", "length", "offset", "source")
+
+    def __init__(self, source: str, offset: int, head: int) -> None:
+        self.source, self.offset, self.head = source, offset, head
+        self.length = 0
+        self.kept: list[bytes] = []
+        self.copied: int | None = None  # None: not (yet) copying
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def long_enough(self) -> bool:
+        return self.length - self.head >= MIN_PART
+
+
 class S3ArchiveWriter:
-    """One archive's multipart upload; ``commit()`` completes it."""
+    """One archive's multipart upload; ``commit()`` completes it.
+
+    Bytes from ``write`` are uploaded in parts of ``part_size``. Bytes from
+    ``copy_range`` that continue one stored range are collected in a run;
+    a run of at least ``MIN_PART`` (beyond what tops up the bytes before
+    it) becomes copy parts (UploadPartCopy: the store copies the range, the
+    bytes are not sent again), a shorter one is uploaded with the bytes
+    around it. Every part but the last is thus >= ``MIN_PART``, as S3 wants.
+    The sha256 is taken over every byte handed in, in order, so it is the
+    sha256 of the completed object either way."""
 
     def __init__(self, store: S3ArchiveStore, final_name: str,
                  created_at: dt.datetime) -> None:
@@ -80,14 +118,18 @@ class S3ArchiveWriter:
         self._key = store.key(final_name)
         self._hash = hashlib.sha256()
         self._buf = bytearray()
+        self._run: _Run | None = None
         self._parts: list[dict[str, Any]] = []
         # One part uploads in a thread of its own while the next one fills:
         # the composing/receiving thread never waits on the network for more
-        # than a part (memory: at most two parts).
+        # than a part (memory: at most two parts). Copy parts hold no bytes:
+        # up to COPIES_IN_FLIGHT of them run beside it.
         self._queued = 0
         self._pending: Future[None] | None = None
+        self._copying: list[Future[None]] = []
         self._pool: ThreadPoolExecutor | None = None
         self.size = 0
+        self.bytes_copied = 0  # copied by the store, not sent
         self._done = False
         try:
             self._upload_id: str | None = store.client.create_multipart_upload(
@@ -98,26 +140,110 @@ class S3ArchiveWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._upload_id is not None and not self._done, "writer already closed"
+        if not data:
+            return  # nothing that would end a run
+        self._end_run()
         self._hash.update(data)
         self.size += len(data)
         self._buf += data
+        self._flush_parts()
+
+    def copy_range(self, source: str, offset: int, data: bytes) -> None:
+        """``data`` are the bytes at ``offset`` of the stored archive
+        ``source``: hashed here, copied by the store once the run they
+        continue is long enough, else uploaded."""
+        assert self._upload_id is not None and not self._done, "writer already closed"
+        if not data:
+            return
+        self._hash.update(data)
+        self.size += len(data)
+        run = self._run
+        if run is not None and (run.source != source or run.end != offset):
+            self._end_run()
+            run = None
+        if run is None:
+            if len(self._buf) >= MIN_PART:
+                self._upload(bytes(self._buf))
+                self._buf = bytearray()
+            # Bytes waiting to be uploaded must make a part of MIN_PART: the
+            # run's first bytes top them up.
+            run = self._run = _Run(source, offset, MIN_PART - len(self._buf) if self._buf else 0)
+        run.length += len(data)
+        if run.copied is None:
+            run.kept.append(data)
+            if not run.long_enough():
+                return
+            # It will be copied: the bytes before it go with its head.
+            if self._buf or run.head:
+                self._buf += b"".join(run.kept)[:run.head]
+                self._upload(bytes(self._buf))
+                self._buf = bytearray()
+            run.kept = []
+            run.copied = run.offset + run.head
+        # Copy parts start while the run still grows (the copying overlaps
+        # the reading), always leaving >= MIN_PART for the last one.
+        part = self._store.copy_part
+        while run.end - run.copied >= part + MIN_PART:
+            self._copy(source, run.copied, part)
+            run.copied += part
+
+    def _end_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        if run.copied is None:  # too short for a part of its own: uploaded
+            for piece in run.kept:
+                self._buf += piece
+            self._flush_parts()
+            return
+        # What is left, MIN_PART <= rest < copy_part + MIN_PART: one part,
+        # or two halves of >= MIN_PART each (copy_part >= 2 * MIN_PART).
+        rest = run.end - run.copied
+        if rest <= self._store.copy_part:
+            self._copy(run.source, run.copied, rest)
+        else:
+            self._copy(run.source, run.copied, rest // 2)
+            self._copy(run.source, run.copied + rest // 2, rest - rest // 2)
+
+    def _flush_parts(self) -> None:
         while len(self._buf) >= self._store.part_size:
             chunk = bytes(self._buf[:self._store.part_size])
             del self._buf[:self._store.part_size]
-            self._queue(chunk)
+            self._upload(chunk)
 
-    def _queue(self, chunk: bytes) -> None:
-        self._wait()
+    def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+            self._pool = ThreadPoolExecutor(max_workers=1 + COPIES_IN_FLIGHT,
+                                            thread_name_prefix="s3-part")
+        return self._pool
+
+    def _upload(self, chunk: bytes) -> None:
+        self._wait()
         self._queued += 1
-        self._pending = self._pool.submit(self._send, chunk, self._queued)
+        self._pending = self._executor().submit(self._send, chunk, self._queued)
+
+    def _copy(self, source: str, offset: int, length: int) -> None:
+        for f in [f for f in self._copying if f.done()]:
+            self._copying.remove(f)
+            f.result()  # an error surfaces at the next part, not only at commit
+        if len(self._copying) >= COPIES_IN_FLIGHT:
+            self._copying.pop(0).result()
+        self._queued += 1
+        self.bytes_copied += length
+        self._copying.append(self._executor().submit(
+            self._send_copy, source, offset, length, self._queued))
 
     def _wait(self) -> None:
         """The part in flight is stored (or its error raised here)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def _wait_all(self) -> None:
+        self._wait()
+        copying, self._copying = self._copying, []
+        for f in copying:
+            f.result()
 
     def _send(self, chunk: bytes, number: int) -> None:
         try:
@@ -132,15 +258,32 @@ class S3ArchiveWriter:
                                     "other bytes (ETag differs from its MD5)")
         self._parts.append({"PartNumber": number, "ETag": etag})
 
+    def _send_copy(self, source: str, offset: int, length: int, number: int) -> None:
+        store = self._store
+        try:
+            got = store.client.upload_part_copy(
+                Bucket=store.bucket, Key=self._key, UploadId=self._upload_id,
+                PartNumber=number, CopySource={"Bucket": store.bucket, "Key": store.key(source)},
+                CopySourceRange=f"bytes={offset}-{offset + length - 1}")
+        except Exception as exc:  # noqa: BLE001
+            raise ArchiveWriteError(f"cannot copy part {number} of {self.final_name} from "
+                                    f"{source}: {_describe(exc)}") from None
+        # No MD5 check here: a copied part's ETag is not its MD5 on every
+        # server (SeaweedFS answers a multipart-style one); the completed
+        # object's size is checked, and the source never changes.
+        self._parts.append({"PartNumber": number, "ETag": got["CopyPartResult"]["ETag"]})
+
     def commit(self, index: Any = None) -> ArchiveFacts:
         """Complete the upload (the caller has verified the stream); with
         ``index``, the index object is written first, like the directory store."""
         assert self._upload_id is not None and not self._done, "writer already closed"
         digest = self._hash.hexdigest()
+        self._end_run()
         if self._buf or not self._queued:
-            self._queue(bytes(self._buf))
+            self._upload(bytes(self._buf))  # the last part may be short
             self._buf = bytearray()
-        self._wait()
+        self._wait_all()
+        self._parts.sort(key=lambda p: p["PartNumber"])
         if index is not None:
             if getattr(index, "archive_sha256", None) not in (None, digest) or (
                     getattr(index, "archive_size", None) and index.archive_size != self.size):
@@ -163,13 +306,19 @@ class S3ArchiveWriter:
             self._store._delete_key(self._key)
             raise ArchiveWriteError(f"{self.final_name} was stored with {stored} bytes, "
                                     f"{self.size} were sent")
+        if self.bytes_copied:
+            log.info("%s: %d of %d bytes copied by the store from the previous archive",
+                     self.final_name, self.bytes_copied, self.size)
         return ArchiveFacts(self.final_name, self.size, digest, self.created_at)
 
     def abort(self) -> None:
-        try:
-            self._wait()
-        except Exception:  # noqa: BLE001 - the upload is aborted below anyway
-            pass
+        for pending in [self._pending, *self._copying]:
+            try:
+                if pending is not None:
+                    pending.result()
+            except Exception:  # noqa: BLE001 - the upload is aborted below anyway
+                pass
+        self._pending, self._copying = None, []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -177,6 +326,7 @@ class S3ArchiveWriter:
             return
         self._done = True
         self._buf = bytearray()
+        self._run = None
         try:
             self._store.client.abort_multipart_upload(
                 Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id)
@@ -205,6 +355,7 @@ class S3ArchiveStore:
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be >= {MIN_PART}")
         self.part_size = part_size
+        self.copy_part = COPY_PART  # >= 2 * MIN_PART: see S3ArchiveWriter._end_run
         if client is None:
             import boto3
             from botocore.config import Config
@@ -217,6 +368,9 @@ class S3ArchiveStore:
         self.client = client
         self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._blocks_lock = threading.Lock()
+        self._ahead: dict[tuple[str, int], Future[bytes]] = {}  # blocks being read ahead
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._last_block: dict[str, int] = {}  # per archive, the last block fetched
         try:
             # a listing, not HeadBucket: some servers answer HeadBucket
             # without checking the signature
@@ -304,17 +458,35 @@ class S3ArchiveStore:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 return self._blocks[key]
-        data = self._get_range(file_name, number * READ_BLOCK, READ_BLOCK)
+            ahead = self._ahead.pop(key, None)
+            sequential = self._last_block.get(file_name) == number - 1
+            self._last_block[file_name] = number
+        data = ahead.result() if ahead is not None else \
+            self._get_range(file_name, number * READ_BLOCK, READ_BLOCK)
         with self._blocks_lock:
             self._blocks[key] = data
             while len(self._blocks) > READ_BLOCKS_KEPT:
                 self._blocks.popitem(last=False)
+            # A reader walking the archive (a delta reads every member it
+            # reuses, in order) gets the next block fetched while it works
+            # on this one.
+            nxt = (file_name, number + 1)
+            if sequential and len(data) == READ_BLOCK and nxt not in self._blocks \
+                    and nxt not in self._ahead and len(self._ahead) < READ_AHEAD:
+                if self._ahead_pool is None:
+                    self._ahead_pool = ThreadPoolExecutor(max_workers=READ_AHEAD,
+                                                          thread_name_prefix="s3-read")
+                self._ahead[nxt] = self._ahead_pool.submit(
+                    self._get_range, file_name, (number + 1) * READ_BLOCK, READ_BLOCK)
         return data
 
     def _forget(self, file_name: str) -> None:
         with self._blocks_lock:
             for key in [k for k in self._blocks if k[0] == file_name]:
                 del self._blocks[key]
+            for key in [k for k in self._ahead if k[0] == file_name]:
+                del self._ahead[key]
+            self._last_block.pop(file_name, None)
 
     def _get_range(self, file_name: str, offset: int, length: int) -> bytes:
         try:

@@ -40,14 +40,21 @@ class Composer:
     checks its CRC32; ~3 ms per raw MB), so a member of the previous archive
     damaged on disk raises ``InvalidArchive`` instead of being carried into
     the new archive (the caller then takes a true full backup).
+
+    A member copied verbatim goes to ``copied(offset, data)`` (its offset in
+    the previous archive and its bytes) when given, else to ``out`` like the
+    rest: the archive's bytes are the same either way, in the same order;
+    a store writer's ``copy_range`` may copy long runs of such ranges
+    without sending them again.
     """
 
     def __init__(self, out: Callable[[bytes], None], prev: ArchiveReader | None, *,
                  level: int | None = None, backend: str | None = None,
                  block_size: Callable[[int], int] = block_size_for,
-                 verify_copies: bool = False, hash_archive: bool = True) -> None:
+                 verify_copies: bool = False, hash_archive: bool = True,
+                 copied: Callable[[int, bytes], None] | None = None) -> None:
         self.prev = prev
-        self._f = Framer(out, level, prev, backend, verify_copies, hash_archive)
+        self._f = Framer(out, level, prev, backend, verify_copies, hash_archive, copied)
         self._stream = EntryStream(self._f, block_size)
         self._last: tuple[bytes, ...] | None = None
         self._finished = False

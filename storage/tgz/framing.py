@@ -73,8 +73,13 @@ class Framer:
 
     def __init__(self, out: Callable[[bytes], None], level: int | None = None,
                  prev: ArchiveReader | None = None, backend: str | None = None,
-                 verify_copies: bool = False, hash_archive: bool = True) -> None:
+                 verify_copies: bool = False, hash_archive: bool = True,
+                 copied: Callable[[int, bytes], None] | None = None) -> None:
         self._out = out
+        # A member reused verbatim goes to ``copied(offset in the previous
+        # archive, bytes)`` when given, so a store that copies stored ranges
+        # itself (S3's UploadPartCopy) need not send those bytes again.
+        self._copied = copied
         # False when the sink hashes what it writes anyway (ArchiveWriter):
         # then the index's archive_sha256 stays None until the writer's commit.
         self._hash_archive = hash_archive
@@ -106,6 +111,7 @@ class Framer:
             key = chunk_key(hashlib.sha256(raw).digest())
         old = self._prev_by_key.get(key)
         data: bytes | None = None
+        copied_from: int | None = None
         if old is not None and old.r_len == r_len and self.prev is not None:
             data = self.prev.member_bytes(old)
             # A cheap check that we copy what the index says: gzip's ISIZE.
@@ -116,6 +122,7 @@ class Framer:
             elif self._verify_copies and not self._copy_intact(data, old):
                 data = None
             else:
+                copied_from = old.c_off
                 self.members_copied += 1
                 self.bytes_copied += len(data)
         if data is None:
@@ -127,7 +134,10 @@ class Framer:
             self.members_compressed += 1
             self.raw_bytes_compressed += r_len
         m = Member(self.c_off, len(data), self.r_off, r_len, key)
-        self._out(data)
+        if copied_from is not None and self._copied is not None:
+            self._copied(copied_from, data)
+        else:
+            self._out(data)
         if self._hash_archive:
             self._sha.update(data)
         self.members.append(m)
