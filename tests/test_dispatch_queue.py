@@ -4,6 +4,8 @@ tables come with the catalog's schema (migration 0004)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
@@ -197,3 +199,96 @@ def test_a_dead_workers_job_runs_again_unless_its_run_was_recorded(url: str,
     finally:
         queue.close()
         catalog.close()
+
+
+def _first_job_a_worker_takes(url: str) -> Any:
+    """The job Procrastinate's own fetch hands the next free worker now."""
+    import asyncio
+
+    from orchestrator.dispatch.procrastinate import make_app
+
+    async def fetch() -> Any:
+        app = make_app(url, sync=False)
+        async with app.open_async():
+            worker = await app.job_manager.register_worker()
+            return await app.job_manager.fetch_job(None, worker)
+
+    return asyncio.run(fetch())
+
+
+def test_a_retry_queued_for_later_holds_back_no_run_of_its_target(url: str) -> None:
+    """A worker's retry waits in the queue until its time (up to
+    ``retry_max`` ahead); Procrastinate starts no job while an older waiting
+    job with the same lock exists, due or not. So the waiting retry must not
+    carry the target's lock: a manual run starts at once, and succeeding, it
+    makes the retry moot, as on ``--role all``."""
+    import datetime as dt
+
+    from orchestrator.dispatch.procrastinate import QueuedSchedule
+
+    queue = RunQueue(url)
+    schedule = QueuedSchedule(queue, reader=None)  # type: ignore[arg-type]
+    try:
+        schedule.schedule_retry(7, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60))
+        assert schedule.has_retry(7)
+        manual = queue.enqueue(7, "manual")
+        job = _first_job_a_worker_takes(url)
+        assert job is not None and job.id == manual and job.lock == "target-7"
+        schedule.cancel_retry(7)  # what the manual run's success does (RunPolicy.after_run)
+        assert not schedule.has_retry(7)
+        assert queue.app.job_manager.list_jobs(status="todo") == []
+    finally:
+        queue.close()
+
+
+def test_a_run_for_later_is_queued_with_the_targets_lock_at_its_time(url: str) -> None:
+    """The timer a run for later waits as fires on a worker and queues the
+    run itself, under the target's lock and the run's queueing lock; a run
+    of the same kind already waiting covers it."""
+    import asyncio
+    import datetime as dt
+    import time
+
+    from orchestrator import jobs
+    from orchestrator.dispatch.procrastinate import RUN_TASK, make_app
+
+    ran: list[tuple[int, str, str | None]] = []
+
+    class Worker:  # what the run task reaches on a worker: records, runs nothing
+        def run_job(self, target_id: int, trigger: str) -> None: ...
+
+        def probe_node(self, node_id: int) -> None: ...
+
+        def execute(self, target_id: int, trigger: str, due: dt.datetime | None, *,
+                    full: bool = False) -> None:
+            ran.append((target_id, trigger, due.isoformat() if due else None))
+
+    queue = RunQueue(url)
+    jobs.install(Worker())
+    try:
+        soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+        due = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+        assert queue.enqueue(7, "retry", at=soon) is not None
+        assert queue.enqueue(7, "retry", at=soon) is None  # one retry waits per target
+        assert queue.enqueue(8, "schedule", due=due, at=soon) is not None  # node was full
+        assert queue.enqueue(9, "schedule") is not None
+        assert queue.enqueue(9, "schedule", at=soon) is None  # the waiting one covers it
+        time.sleep(max(0.0, (soon - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
+
+        async def work() -> None:
+            app = make_app(url, sync=False)
+            async with app.open_async():
+                await app.run_worker_async(wait=False, install_signal_handlers=False,
+                                           listen_notify=False)
+
+        asyncio.run(work())
+        assert sorted(ran) == [(7, "retry", None), (8, "schedule", due.isoformat()),
+                               (9, "schedule", None)]
+        runs = queue.app.job_manager.list_jobs(task=RUN_TASK)
+        assert sorted((j.task_kwargs["target_id"], j.lock, j.queueing_lock, j.status)
+                      for j in runs) == [(7, "target-7", "retry-7", "succeeded"),
+                                         (8, "target-8", "run-8", "succeeded"),
+                                         (9, "target-9", "run-9", "succeeded")]
+    finally:
+        jobs.install(None)
+        queue.close()

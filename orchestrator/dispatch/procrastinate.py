@@ -8,6 +8,12 @@ One queued job is one run of one target. Its locks carry the guarantees:
   waiting one covers it);
 - ``lock`` ``target-<target>`` on all of them: a job is not started while
   another with its lock runs, so two runs of one target never overlap;
+- a run for later (a retry, up to ``retry_max`` ahead; a run that found its
+  node full) waits as a timer job (``LATER_TASK``) without that lock, under
+  the run's own queueing lock: Procrastinate starts no job while an *older
+  waiting* job with the same lock exists, due or not, so a locked job for
+  later would hold back the target's manual and scheduled runs until its
+  time. At its time the timer queues the run itself, locked, and ends;
 - the per-node limit K holds across all workers through K PostgreSQL advisory
   lock slots per node (``NodeSlots``), tried without blocking: a run that gets
   none is queued again as a new job a little later (``roles.execute``), so a
@@ -48,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RUN_TASK = "backhaul.run"
 PROBE_TASK = "backhaul.probe"
+LATER_TASK = "backhaul.later"
 NODE_BUSY_WAIT = 2  # seconds before a run that found its node full tries again
 _NODE_SLOT_BASE = dialect.owner_lock_key("node-slot") % 2**30  # key1 = base + slot
 
@@ -93,6 +100,23 @@ def _register_tasks(app: procrastinate.App) -> None:
         server.execute(target_id, trigger, dt.datetime.fromisoformat(due) if due else None,
                        full=full)
 
+    @app.task(name=LATER_TASK, pass_context=True)
+    async def later(context: procrastinate.JobContext, target_id: int, trigger: str,
+                    due: str | None = None, full: bool = False) -> None:
+        # This job still counts as waiting under the run's queueing lock until
+        # it is taken (``doing``), so the run queued here is the one waiting
+        # there; one already waiting covers it (``AlreadyEnqueued``).
+        assert context.app is not None
+        queueing_lock, lock = _lock_names(target_id, trigger)
+        try:
+            job_id = await context.app.tasks[RUN_TASK].configure(
+                queueing_lock=queueing_lock, lock=lock).defer_async(
+                target_id=target_id, trigger=trigger, due=due, full=full)
+        except AlreadyEnqueued:
+            log.debug("target %s: a %s run already waits in the queue", target_id, trigger)
+            return
+        log.debug("target %s: %s run due, queued as job %s", target_id, trigger, job_id)
+
     @app.task(name=PROBE_TASK)
     def probe(node_id: int) -> None:
         server = jobs.installed()
@@ -130,6 +154,8 @@ class RunQueue:
                 at: dt.datetime | None = None, full: bool = False) -> int | None:
         queueing_lock, lock = _lock_names(target_id, trigger)
         task = self.app.tasks[RUN_TASK]
+        if at is not None:  # a timer first, holding no lock (see the module's doc)
+            task, lock = self.app.tasks[LATER_TASK], None
         try:
             job_id = task.configure(queueing_lock=queueing_lock, lock=lock,
                                     schedule_at=at).defer(
@@ -213,6 +239,9 @@ class QueuedSchedule:
         self.reader = reader
 
     def schedule_retry(self, target_id: int, when: dt.datetime) -> None:
+        # The target's one pending retry: an earlier one is replaced, as by
+        # ``Scheduler.schedule_retry`` (a failed manual run re-times it).
+        self.cancel_retry(target_id)
         self.queue.enqueue(target_id, "retry", at=when)
 
     def cancel_retry(self, target_id: int) -> None:
