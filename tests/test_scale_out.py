@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,10 @@ from storage.catalog import Catalog
 from storage.dialect import owner_lock_key
 
 pytest.importorskip("procrastinate")
+
+import psycopg  # noqa: E402
+
+from orchestrator.dispatch.procrastinate import conninfo  # noqa: E402
 
 PER_NODE = 2  # --per-node: 10 targets a node, 4 worker threads
 SMALL_EVERY = 20  # seconds between due runs (--minute-seconds 1)
@@ -265,6 +270,48 @@ def test_a_node_down_at_registration_is_probed_by_workers_and_backed_up_when_up(
         own_node.start()
         api.wait_for(lambda: [x for x in api.runs(tid) if x["status"] == "success"], 30,
                      "the target backed up once its node answers")
+    finally:
+        for p in procs:
+            if p.proc is not None:
+                p.stop(timeout=20)
+
+
+def test_a_queued_retry_holds_back_no_manual_run(
+        tmp_path: Path, server_key: ServerKey, node: SSHD, pg: PostgresCluster) -> None:
+    """A worker queues a failed run's retry for a minute later; ``backhaul
+    run`` meanwhile starts at once and, succeeding, makes the retry moot (as
+    on ``--role all``)."""
+    url = pg.create_database()
+    shared = tmp_path / "shared"
+    procs = [Role(name, shared, server_key, url, role, retry_min=60, retry_max=60)
+             for name, role in (("api", "api"), ("sched", "scheduler"), ("worker", "worker"))]
+    api, _, worker = procs
+    try:
+        for p in procs:
+            p.start(timeout=60)
+        path = tree(tmp_path / "app")
+        tid = api.register(node, path, every=600)["id"]
+
+        def run() -> dict:
+            r = api.api("POST", f"/targets/{tid}/run", params={"wait": "true", "timeout": "60"})
+            assert r.status_code == 200, r.text
+            return r.json()["run"]
+
+        assert run()["status"] in ("success", "unchanged")
+        shutil.rmtree(path)  # the next run fails: the worker queues its retry
+        assert run()["status"] == "failed"
+        worker.wait_for(lambda: f"target {tid}: retry 1 in" in worker.log(), 10,
+                        "the worker to queue the retry")
+        tree(path)
+        started = time.monotonic()
+        assert run()["status"] in ("success", "unchanged")
+        assert time.monotonic() - started < 20  # not after the retry's minute
+        with psycopg.connect(conninfo(url)) as conn:
+            waiting = conn.execute("SELECT count(*) FROM procrastinate_jobs WHERE "
+                                   "queueing_lock = %s AND status = 'todo'",
+                                   (f"retry-{tid}",)).fetchone()
+        assert waiting == (0,)
+        assert [x["trigger"] for x in api.runs(tid)].count("retry") == 0
     finally:
         for p in procs:
             if p.proc is not None:
