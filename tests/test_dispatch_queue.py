@@ -229,13 +229,18 @@ def test_a_retry_queued_for_later_holds_back_no_run_of_its_target(url: str) -> N
     queue = RunQueue(url)
     schedule = QueuedSchedule(queue, reader=None)  # type: ignore[arg-type]
     try:
-        schedule.schedule_retry(7, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60))
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+        schedule.schedule_retry(7, later)
         assert schedule.has_retry(7)
+        schedule.schedule_probe(3, later)  # its node's probe: locked by node, not target
+        assert schedule.has_probe(3) and not schedule.has_probe(4)
         manual = queue.enqueue(7, "manual")
         job = _first_job_a_worker_takes(url)
         assert job is not None and job.id == manual and job.lock == "target-7"
         schedule.cancel_retry(7)  # what the manual run's success does (RunPolicy.after_run)
         assert not schedule.has_retry(7)
+        schedule.remove_probe(3)
+        assert not schedule.has_probe(3)
         assert queue.app.job_manager.list_jobs(status="todo") == []
     finally:
         queue.close()

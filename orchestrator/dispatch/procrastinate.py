@@ -258,7 +258,10 @@ class QueuedSchedule:
         self.queue.probe(node_id, when)
 
     def has_probe(self, node_id: int) -> bool:
-        return False  # the probe's queueing lock keeps a second one out
+        # As on ``--role all``: a node whose probe waits is not counted down
+        # again (``RunPolicy.ensure_probe``) by each of its targets' runs.
+        return bool(self.queue.app.job_manager.list_jobs(queueing_lock=f"probe-{node_id}",
+                                                          status="todo"))
 
     def remove_probe(self, node_id: int) -> None:
         self.queue.cancel_waiting(f"probe-{node_id}")
