@@ -274,7 +274,11 @@ def create_app(server: Server) -> FastAPI:
                               host_key_fingerprint=body.host_key_fingerprint,
                               options=body.model_dump(include=_OPTION_FIELDS,
                                                       exclude_unset=True))
-        return {"target": target_out(reg.target), "warnings": reg.warnings,
+        # A target whose first run is later has no runs or archives yet and
+        # its next run is the one just stored: nothing to read back.
+        out = target_out(reg.target) if reg.first_run_at is None else \
+            target_json(reg.target, None, reg.first_run_at)
+        return {"target": out, "warnings": reg.warnings,
                 "options": options_api.options_json(
                     server.catalog.target_options([reg.target.id]).get(reg.target.id)
                     if body.model_fields_set & _OPTION_FIELDS else None)}
