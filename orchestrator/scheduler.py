@@ -336,7 +336,7 @@ class _Background(BackgroundScheduler):
         self._wake_lock = threading.Lock()
         self._in_pass = False
         self._sleeps_until: dt.datetime | None = None  # None: no wake-up planned
-        self._adding = threading.local()  # .first: next run of the job this thread adds
+        self._adding = threading.local()  # .job: the job this thread is adding
         super().__init__(*args, **kwargs)
 
     def _process_jobs(self) -> float | None:
@@ -359,15 +359,16 @@ class _Background(BackgroundScheduler):
     def _real_add_job(self, job: Any, jobstore_alias: str, replace_existing: bool) -> None:
         # add_job holds _jobstores_lock around this call: one add at a time;
         # it stores the job, then calls wakeup().
-        self._adding.first = getattr(job, "next_run_time", None)
+        self._adding.job = job
         try:
             super()._real_add_job(job, jobstore_alias, replace_existing)
         finally:
-            self._adding.first = None
+            self._adding.job = None
 
     def wakeup(self) -> None:
         with self._wake_lock:
-            first = getattr(self._adding, "first", None)
+            # (its next run time is set by now, also when add_job had none)
+            first = getattr(getattr(self._adding, "job", None), "next_run_time", None)
             until = self._sleeps_until
             if first is not None and until is not None and not self._in_pass \
                     and first >= until:
