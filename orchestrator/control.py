@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 class Registration:
     target: Target
     warnings: list[str]
+    # The job's first run when this process stored it for a later time (the
+    # node is down): no run has started, so the API answers without re-reading.
+    first_run_at: dt.datetime | None = None
 
 
 class Control:
@@ -75,10 +78,11 @@ class Control:
             host_key_fingerprint = validation.fingerprint(host_key_fingerprint)
         options = validate_options(options or {})
 
-        existing_nodes = self.catalog.find_node(user, host, port)
-        if existing_nodes:
-            for t in self.catalog.list_targets(node_id=existing_nodes[0].id, path=path):
-                raise TargetExists(t.node.address, path, t.id)
+        # The node and the duplicate check in one read (the write re-checks).
+        known, duplicate = self.catalog.find_node_for_path(user, host, port, path)
+        if known is not None and duplicate is not None:
+            raise TargetExists(known.address, path, duplicate)
+        existing_nodes = [known] if known is not None else []
         # A known node needs no write (the common case: many paths per node).
         node = (existing_nodes[0] if existing_nodes and existing_nodes[0].forgotten_at is None
                 else self.catalog.ensure_node(user, host, port))
@@ -113,19 +117,21 @@ class Control:
         node_changed = reachable and not warnings and node.reachable is not True
         if node_changed:
             self.catalog.node_reachable(node.id)
+        stored: dt.datetime | None = None
         if reachable:
             self.scheduler.add_target(target.id, every_minutes)
         else:
             first = self.clock() + dt.timedelta(seconds=every_minutes *
                                                 self.settings.minute_seconds)
-            self.scheduler.add_target(target.id, every_minutes, first_run_at=first)
+            # (the scale-out roles' stand-in stores nothing: the leader does)
+            stored = self.scheduler.add_target(target.id, every_minutes, first_run_at=first)
             if not self.scheduler.has_probe(node.id):  # else one is on its way already
                 self.policy.ensure_probe(self.catalog.get_node(node.id))
                 node_changed = True
         log.info("registered target %s: %s %s every %d min, keep %d", target.id,
                  node.address, path, every_minutes, keep)
         return Registration(self.catalog.get_target(target.id) if node_changed else target,
-                            warnings)
+                            warnings, stored if isinstance(stored, dt.datetime) else None)
 
     def set_target_options(self, target_id: int, **changes: Any) -> TargetOptions:
         """Change a target's pre/post commands, ``pre_optional`` or ping URL

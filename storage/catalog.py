@@ -281,6 +281,25 @@ def _filter_targets(q: sa.Select, *, active_only: bool, node_id: int | None = No
     return q
 
 
+# Built once: a registration runs it each time (building and hashing the
+# statement anew cost more CPU than running it).
+_NODE_AND_PATH = (
+    sa.select(nodes, targets.c.id.label("t_id"))
+    .outerjoin(targets, sa.and_(targets.c.node_id == nodes.c.id,
+                                targets.c.path == sa.bindparam("path"),
+                                targets.c.unregistered_at.is_(None)))
+    .where(nodes.c.user == sa.bindparam("user"), nodes.c.host == sa.bindparam("host"),
+           nodes.c.port == sa.bindparam("port"))
+    .order_by(nodes.c.id, targets.c.id).limit(1))
+_LOCK_NODE = sa.select(nodes.c.id).where(nodes.c.id == sa.bindparam("node_id")).with_for_update()
+_ACTIVE_AT_PATH = sa.select(targets.c.id).where(targets.c.node_id == sa.bindparam("node_id"),
+                                                targets.c.path == sa.bindparam("path"),
+                                                targets.c.unregistered_at.is_(None))
+_INSERT_TARGET = targets.insert()
+_TARGET_BY_ID = (sa.select(targets, *_NODE_COLS).join(nodes, nodes.c.id == targets.c.node_id)
+                 .where(targets.c.id == sa.bindparam("target_id")))
+
+
 class Catalog:
     """All reads and writes of the catalog database.
 
@@ -376,6 +395,18 @@ class Catalog:
         with self._tx(write=False) as conn:
             return [_node(_row(r)) for r in conn.execute(q.order_by(nodes.c.id))]
 
+    def find_node_for_path(self, user: str, host: str, port: int,
+                           path: str) -> tuple[Node | None, int | None]:
+        """Registration's one read: the node ``user@host:port`` (None when
+        unknown) and the id of its active target at ``path`` (None: free)."""
+        with self._tx(write=False) as conn:
+            found = conn.execute(_NODE_AND_PATH, {"user": user, "host": host, "port": port,
+                                                  "path": path}).first()
+        if found is None:
+            return None, None
+        m = _row(found)
+        return _node(m), m["t_id"]
+
     def list_nodes(self, *, include_forgotten: bool = False) -> list[Node]:
         q = sa.select(nodes)
         if not include_forgotten:
@@ -470,28 +501,26 @@ class Catalog:
         with self._tx() as conn:
             # Registrations on one node take turns (the node row's lock), so a
             # concurrent twin is seen by the check below, not by a constraint.
-            if conn.execute(sa.select(nodes.c.id).where(nodes.c.id == node_id)
-                            .with_for_update()).first() is None:
+            if conn.execute(_LOCK_NODE, {"node_id": node_id}).first() is None:
                 raise NotFound("node", node_id)
-            existing = conn.execute(
-                sa.select(targets.c.id).where(targets.c.node_id == node_id,
-                                              targets.c.path == path,
-                                              targets.c.unregistered_at.is_(None))
-            ).scalar()
+            existing = conn.execute(_ACTIVE_AT_PATH, {"node_id": node_id, "path": path}).scalar()
             if existing is not None:
                 node = _node(_row(conn.execute(
                     sa.select(nodes).where(nodes.c.id == node_id)).one()))
                 raise TargetExists(node.address, path, existing)
             try:
-                tid = conn.execute(targets.insert().values(
-                    node_id=node_id, path=path, every_minutes=every_minutes, keep=keep,
-                    created_at=self.clock(), failures=failures)).inserted_primary_key[0]
+                tid = conn.execute(_INSERT_TARGET, {
+                    "node_id": node_id, "path": path, "every_minutes": every_minutes,
+                    "keep": keep, "created_at": self.clock(), "failures": failures,
+                }).inserted_primary_key[0]
             except IntegrityError as exc:  # lost a race with a concurrent insert
                 raise TargetExists(str(node_id), path, -1) from exc
             if options:
                 conn.execute(target_options.insert().values(
                     target_id=tid, **{**TargetOptions().__dict__, **options}))
-        return self.get_target(tid)
+            # read back in the same transaction (not a second one)
+            found = conn.execute(_TARGET_BY_ID, {"target_id": tid}).one()
+        return self._target(_row(found))
 
     def _target_query(self) -> sa.Select:
         return sa.select(targets, *_NODE_COLS).join(nodes, nodes.c.id == targets.c.node_id)
