@@ -185,6 +185,16 @@ target_options = sa.Table(
     sa.Column("ping_url", sa.Text),
 )
 
+# One row: how many writes changed the schedule (a target added, its interval
+# edited, or unregistered); the leader re-reads the targets only when it moved
+# (Catalog.schedule_changes; revision 0005).
+target_changes = sa.Table(
+    "target_changes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("counter", sa.BigInteger, nullable=False),
+)
+
 # The metrics scrape counts runs per (target, status) and finds each target's
 # newest good run: an index answers both without reading the run rows.
 ix_runs_target_status = sa.Index("ix_runs_target_status", runs.c.target_id, runs.c.status,
@@ -298,6 +308,17 @@ _ACTIVE_AT_PATH = sa.select(targets.c.id).where(targets.c.node_id == sa.bindpara
 _INSERT_TARGET = targets.insert()
 _TARGET_BY_ID = (sa.select(targets, *_NODE_COLS).join(nodes, nodes.c.id == targets.c.node_id)
                  .where(targets.c.id == sa.bindparam("target_id")))
+
+
+def _schedule_changed(conn: Connection) -> None:
+    """Count a change of the schedule in the writer's transaction: the last
+    statement of it, so the counter's row lock is held only until the commit
+    and taken after any other lock (no lock-order cycle)."""
+    conn.execute(_BUMP_SCHEDULE)
+
+
+_BUMP_SCHEDULE = (target_changes.update().where(target_changes.c.id == 1)
+                  .values(counter=target_changes.c.counter + 1))
 
 
 class Catalog:
@@ -518,6 +539,7 @@ class Catalog:
             if options:
                 conn.execute(target_options.insert().values(
                     target_id=tid, **{**TargetOptions().__dict__, **options}))
+            _schedule_changed(conn)
             # read back in the same transaction (not a second one)
             found = conn.execute(_TARGET_BY_ID, {"target_id": tid}).one()
         return self._target(_row(found))
@@ -562,6 +584,25 @@ class Catalog:
                        every_minutes=r.every_minutes, keep=r.keep, created_at=r.created_at,
                        unregistered_at=r.unregistered_at, last_fingerprint=r.last_fingerprint,
                        failures=r.failures, next_retry_at=r.next_retry_at) for r in rows]
+
+    def schedule_changes(self) -> int:
+        """The count of writes that changed the schedule so far (a registration,
+        an interval edit, an unregistration), one small read. Read it *before*
+        ``scheduled_targets``: a change committed after this read moves the
+        counter past the value kept, so the next check sees it, whatever the
+        order in which concurrent writers committed (they take turns on the
+        counter's row and commit in its order)."""
+        with self._tx(write=False) as conn:
+            return int(conn.execute(sa.select(target_changes.c.counter)
+                                    .where(target_changes.c.id == 1)).scalar_one())
+
+    def scheduled_targets(self) -> dict[int, int]:
+        """``{id: every_minutes}`` of the active targets: what the schedule
+        holds, without the nodes or the other columns ``list_targets`` reads."""
+        with self._tx(write=False) as conn:
+            return {tid: every for tid, every in conn.execute(
+                sa.select(targets.c.id, targets.c.every_minutes)
+                .where(targets.c.unregistered_at.is_(None)))}
 
     def target_summaries(self, target_ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
         """Last run and kept archives of many targets in one query (not one per target)."""
@@ -651,6 +692,8 @@ class Catalog:
             res = conn.execute(targets.update().where(targets.c.id == target_id,
                                                       targets.c.unregistered_at.is_(None))
                                .values(unregistered_at=self.clock(), next_retry_at=None))
+            if res.rowcount == 1:
+                _schedule_changed(conn)
         if res.rowcount != 1:
             self.get_target(target_id)  # raises NotFound when it does not exist
         return self.get_target(target_id)
@@ -889,5 +932,8 @@ class Catalog:
             values["keep"] = keep
         if values:
             with self._tx() as conn:
-                conn.execute(targets.update().where(targets.c.id == target_id).values(**values))
+                res = conn.execute(targets.update().where(targets.c.id == target_id)
+                                   .values(**values))
+                if res.rowcount and "every_minutes" in values:
+                    _schedule_changed(conn)
         return self.get_target(target_id)
