@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from cli.main import main as cli_main
 from fixtures.postgres import PostgresCluster
+from fixtures.seaweed import SeaweedS3
 from fixtures.server import Backhauld
 from fixtures.sshd.launcher import SSHD
 from orchestrator.backup import BackupEngine, CatalogHostKeys
@@ -56,6 +57,25 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
     """One real PostgreSQL cluster for the session (started on first use)."""
     with PostgresCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS) for the session; each test makes its own bucket."""
+    with SeaweedS3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SeaweedS3:
+    """Credentials as an operator gives them (the standard AWS variables; a
+    live server inherits them), and no AWS file of this machine."""
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +28,6 @@ from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
 
 REGION = "us-east-1"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[SeaweedS3]:
-    with SeaweedS3() as server:
-        yield server
 
 
 @dataclass

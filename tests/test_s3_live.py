@@ -10,11 +10,9 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from conftest import LiveServer
 
 from fixtures.postgres import PostgresCluster
@@ -22,24 +20,6 @@ from fixtures.seaweed import SeaweedS3
 from fixtures.server import free_port
 from fixtures.sshd.launcher import SSHD
 from orchestrator.ssh import ServerKey
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[SeaweedS3]:
-    with SeaweedS3() as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SeaweedS3:
-    """Credentials as an operator gives them (the standard AWS variables; the
-    live server inherits them), and no AWS file of this machine."""
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return s3
 
 
 def keys(s3: SeaweedS3, bucket: str) -> set[str]:

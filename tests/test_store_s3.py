@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,24 +16,6 @@ from storage.errors import ArchiveWriteError, StorageError
 from storage.stores.s3 import MIN_PART, S3ArchiveStore, index_name, parse_store_url
 
 T0 = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[SeaweedS3]:
-    with SeaweedS3() as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SeaweedS3:
-    """Credentials as an operator gives them: the standard AWS variables, and
-    no user file of this machine."""
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return s3
 
 
 def s3_store(s3: SeaweedS3, prefix: str = "backups/site-a") -> S3ArchiveStore:
